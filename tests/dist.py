@@ -9,6 +9,10 @@ seconds is killed and reported with the ranks that were still running.
 
 `fn` must be a module-level function of an importable module (tests/ is a package
 and the repository root is on the path), since spawned processes import it by name.
+
+Ranks may start processes of their own (`dist_checkpointing.save` starts a multiprocessing
+manager per rank). A rank that is terminated cannot stop them, so `spawn` keeps track of every
+descendant of the ranks while they run and kills the ones still alive at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 
+import psutil
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -67,9 +72,11 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout
+    descendants: dict[int, psutil.Process] = {}
     try:
         # join() raises ProcessRaisedException with the failing rank and its traceback.
         while not context.join(timeout=1.0):
+            _note_descendants(context.processes, descendants)
             if time.monotonic() > deadline:
                 alive = [i for i, p in enumerate(context.processes) if p.is_alive()]
                 raise TimeoutError(
@@ -81,3 +88,24 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT
             if p.is_alive():
                 p.kill()
             p.join()
+        _kill(descendants.values())
+
+
+def _note_descendants(ranks, seen: dict[int, psutil.Process]) -> None:
+    for rank in ranks:
+        try:
+            for child in psutil.Process(rank.pid).children(recursive=True):
+                seen.setdefault(child.pid, child)
+        except psutil.Error:  # the rank has just exited
+            continue
+
+
+def _kill(procs) -> None:
+    # psutil.Process remembers the creation time: a recycled pid is not mistaken for ours.
+    alive = [p for p in procs if p.is_running()]
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=5)

@@ -1,0 +1,601 @@
+"""Run unmodified Megatron-Core (0.19.x) on CPU over gloo: tests, CI and a CPU quickstart.
+
+Megatron-Core is written for CUDA. Its local (non-Transformer-Engine) layers compute fine on
+CPU, but the code around them asks CUDA for things that a CPU-only process cannot give: it
+allocates bookkeeping tensors with ``device="cuda"`` or ``torch.cuda.current_device()``, calls
+``torch.cuda.synchronize()``, keeps its dropout RNG streams in CUDA generator state, checks
+``param.type() == 'torch.cuda.FloatTensor'`` and moves tensors with ``.cuda()``. Each of these
+raises on a machine without a GPU. `install_cpu_bridge` makes them mean "the CPU" instead,
+inside Megatron-Core's own code only, and does nothing at all when a GPU is present: the same
+code then runs unchanged on GPU.
+
+What is bridged (the numbers of shared/DESIGN.md's list in brackets):
+
+1. ``torch.cuda.current_device()``, ``torch.cuda.synchronize()``, ``torch.cuda.current_stream()``
+   and tensors allocated with ``device="cuda"`` [1, 2]. In the Megatron-Core modules listed in
+   `_VIEW_MODULES` the module-global name ``torch`` is rebound to `_TorchOnCpu`, a view that
+   forwards every attribute to torch except: factory functions (``torch.zeros``,
+   ``torch.tensor``, ...) turn a CUDA ``device=`` into the CPU; ``torch.cuda.current_device()``
+   is the CPU device; ``synchronize()`` does nothing (CPU ops are synchronous); streams and
+   events are torch.cpu's no-op stand-ins; the CUDA RNG calls (``manual_seed``,
+   ``get_rng_state``, ``set_rng_state``) act on the CPU generator. This covers the pipeline
+   schedules (``total_num_tokens``), p2p shapes and buffers, the optimizers' ``found_inf`` /
+   overflow buffers, grad-norm clipping, grad sync, sequence-parallel gathers, GPU-style weight
+   init (``use_cpu_initialization=False``), rotary embeddings, the rerun state machine and
+   ``dist_checkpointing``'s strategies (torch_dist, fully parallel, mcore async).
+2. The RNG tracker (``tensor_parallel/random.py``) [3]. ``_get_cuda_rng_state`` and
+   ``_set_cuda_rng_state`` read and set the CPU generator, and ``CudaRNGStatesTracker.fork``
+   is `_cpu_fork`: the same save/switch/restore without the "CPU RNG state changed within GPU
+   RNG context" warning (on CPU the tracked stream *is* the CPU generator, so it would fire on
+   every dropout). ``model_parallel_cuda_manual_seed`` and ``CudaRNGStatesTracker.add`` run
+   unchanged through the view of (1). Dropout under ``get_cuda_rng_tracker().fork()``,
+   TP-aware weight init and activation recompute work and are reproducible from the seed.
+3. ``param.type() == 'torch.cuda.FloatTensor'`` (and Half/BFloat16) in the optimizers [4],
+   ``weight.data.cuda()`` in ``LanguageModule.setup_embeddings_and_output_layer`` (tied
+   embeddings with PP > 1) [6] and a few other ``.cuda()`` calls. Methods of tensors cannot
+   be redirected per module, so the functions in `_TENSOR_METHOD_FUNCTIONS` are wrapped: for
+   the duration of the call only, ``Tensor.type()`` names a CPU tensor by its CUDA type and
+   ``Tensor.cuda()`` leaves a CPU tensor where it is (`_tensor_methods_on_cpu`). This is the
+   one place where torch itself is patched, and only while those calls run.
+4. Distributed-optimizer checkpoints in the CPU configuration (fp32 params, torch.optim.AdamW
+   since there is no TE or apex): resuming into a fresh optimizer, the Adam step after a
+   resume, and "dp_reshardable" loads of fp32 params (`_bridge_optimizer_checkpoints`).
+5. Sequence parallelism with the local spec's torch norms, which refuse it without apex
+   (`_bridge_torch_norm_sequence_parallel`).
+
+Each patch carries a comment naming the Megatron-Core file and function and why.
+
+Checkpoint saves and ``__main__`` [5]. ``dist_checkpointing.save`` collects write results
+through a ``multiprocessing`` manager started with the "spawn" method, which re-imports the
+``__main__`` module: every entry script that saves checkpoints needs an
+``if __name__ == "__main__":`` guard, and ``psutil`` must be installed (a dependency of this
+package). Async saves (``async_sharded_save=True``) need ``async_strategy="mcore"`` unless
+nvidia-resiliency-ext is installed. Nothing is patched for these; they are rules for scripts.
+
+Not bridged, because it cannot run on CPU at all: Transformer Engine layers and FP8, NCCL,
+``torch.autocast("cuda")`` in the schedules (set no ``autocast_dtype`` on CPU), CUDA graphs,
+overlapped grad reduce / param gather with several distributed-optimizer instances (CUDA
+streams), context parallelism and THD packed sequences (Megatron-Core's local
+``DotProductAttention`` refuses both; they need TE).
+
+Switch: `install_cpu_bridge` applies all of this when ``torch.cuda.is_available()`` is false,
+when ``force=True`` or when ``DFT_MEGATRON_CPU=1``; otherwise it changes nothing and returns
+False. It is idempotent and logs once what it bridged. Importing this module imports torch
+only; Megatron-Core is imported when the bridge is installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV_FLAG = "DFT_MEGATRON_CPU"
+"""Set to "1" to apply the bridge even where CUDA is available (debugging CPU paths)."""
+
+_active = False
+_install_lock = threading.Lock()
+
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    # A bare int is how CUDA code names a GPU (e.g. the result of current_device()).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _on_cpu_factory(fn: Callable) -> Callable:
+    """`fn` (a torch factory function) with a CUDA `device=` argument replaced by the CPU."""
+
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+# Factory functions whose `device=` Megatron-Core sets to "cuda" or torch.cuda.current_device().
+_FACTORIES = (
+    "arange",
+    "as_tensor",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "full",
+    "full_like",
+    "ones",
+    "ones_like",
+    "rand",
+    "randint",
+    "randn",
+    "randperm",
+    "tensor",
+    "zeros",
+    "zeros_like",
+)
+
+
+class _CudaOnCpu(types.ModuleType):
+    """Stands in for ``torch.cuda`` inside the bridged Megatron-Core modules.
+
+    Every attribute not defined here is ``torch.cuda``'s own (``is_available()`` stays False).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda", "torch.cuda as seen by Megatron-Core on CPU")
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> torch.device:
+        # Megatron-Core uses the result as `device=`; the CPU device is a valid value there.
+        return _CPU
+
+    @staticmethod
+    def synchronize(device=None) -> None:
+        # CPU kernels and gloo collectives are synchronous: nothing to wait for.
+        return None
+
+    # Streams and events: torch.cpu's stand-ins, whose waits and records do nothing (the
+    # grad-sync code asks for torch.cuda.current_stream() to wait on CUDA-graph events).
+    @staticmethod
+    def current_stream(device=None) -> torch.cpu.Stream:
+        return torch.cpu.current_stream()
+
+    @staticmethod
+    def Stream(device=None, priority: int = 0, **kwargs) -> torch.cpu.Stream:  # noqa: N802
+        return torch.cpu.Stream()
+
+    @staticmethod
+    def Event(*args, **kwargs) -> torch.cpu.Event:  # noqa: N802
+        return torch.cpu.Event()
+
+    @staticmethod
+    def stream(stream) -> contextlib.AbstractContextManager:
+        return torch.cpu.stream(stream)
+
+    # The "CUDA" generator on CPU is the CPU generator (tensor_parallel/random.py reads, seeds
+    # and restores it around every forked RNG stream).
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def manual_seed_all(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def get_rng_state(device="cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(new_state: torch.Tensor, device="cuda") -> None:
+        torch.set_rng_state(new_state)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """Stands in for ``torch`` inside the bridged Megatron-Core modules.
+
+    Forwards every attribute to torch except ``torch.cuda`` (`_CudaOnCpu`) and the factory
+    functions in `_FACTORIES`, which allocate on the CPU where Megatron-Core asks for CUDA.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch", "torch as seen by Megatron-Core on CPU")
+        self.cuda = _CudaOnCpu()
+        for name in _FACTORIES:
+            setattr(self, name, _on_cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+# Megatron-Core modules whose global `torch` becomes `_TorchOnCpu`, and what in them needs it.
+_VIEW_MODULES = {
+    # schedules: `total_num_tokens = torch.zeros([], device="cuda")` in every schedule.
+    "megatron.core.pipeline_parallel.schedules": "device='cuda'",
+    # p2p: shape and receive buffers on torch.cuda.current_device(); torch.cuda.synchronize().
+    "megatron.core.pipeline_parallel.p2p_communication": "current_device, synchronize",
+    # DDP: torch.cuda.synchronize() around grad-buffer offload/reload.
+    "megatron.core.distributed.distributed_data_parallel": "synchronize",
+    # grad sync: `torch.cuda.current_stream()` (waits on CUDA-graph events) in
+    # start_grad_sync, buffers on current_device().
+    "megatron.core.distributed.param_and_grad_buffer": "current_stream, current_device",
+    # MixedPrecisionOptimizer: found_inf / _dummy_overflow_buf / grad-norm-group flag on 'cuda'.
+    "megatron.core.optimizer.optimizer": "device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer": "current_device",
+    # get_grad_norm_fp32 / clip_grad_by_total_norm_fp32: norm buffers on 'cuda'.
+    "megatron.core.optimizer.clip_grads": "device='cuda'",
+    "megatron.core.optimizer.grad_scaler": "device='cuda' (fp16 loss scaling)",
+    # RNG tracker: torch.cuda.manual_seed / get_rng_state in model_parallel_cuda_manual_seed
+    # and CudaRNGStatesTracker.add.
+    "megatron.core.tensor_parallel.random": "CUDA RNG state",
+    # sequence-parallel all-gather / reduce-scatter outputs on current_device().
+    "megatron.core.tensor_parallel.mappings": "current_device (sequence parallel)",
+    # GPU-style weight init (use_cpu_initialization=False) and SP all-gather buffers.
+    "megatron.core.tensor_parallel.layers": "current_device",
+    "megatron.core.tensor_parallel.utils": "current_device",
+    "megatron.core.tensor_parallel.data": "device='cuda' (broadcast_data)",
+    "megatron.core.transformer.utils": "device='cuda' (attention masks)",
+    "megatron.core.transformer.attention": "current_device",
+    "megatron.core.transformer.dot_product_attention": "current_device",
+    "megatron.core.transformer.transformer_layer": "current_device",
+    "megatron.core.transformer.module": "current_device",
+    "megatron.core.models.gpt.gpt_model": "current_device",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "current_device (RoPE)",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "current_device",
+    "megatron.core.rerun_state_machine": "device='cuda' (all-reduced flags)",
+    "megatron.core.timers": "synchronize, current_device",
+    "megatron.core.utils": "current_device, device='cuda'",
+    # dist_checkpointing: validation flags on 'cuda', synchronize before/after writes, fully
+    # parallel save/load exchange buffers.
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "device='cuda'",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "synchronize, current_device",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "synchronize",
+    "megatron.core.dist_checkpointing.exchange_utils": "device='cuda'",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict": "synchronize",
+}
+
+
+_tensor_methods_depth = 0
+_tensor_methods_lock = threading.Lock()
+_ORIG_TENSOR_TYPE = torch.Tensor.type
+_ORIG_TENSOR_CUDA = torch.Tensor.cuda
+
+
+def _type_as_cuda(self, dtype=None, non_blocking=False, **kwargs):
+    # `param.type()` with no argument only names the type; report a CPU tensor as the CUDA
+    # type Megatron-Core's checks expect ('torch.FloatTensor' -> 'torch.cuda.FloatTensor').
+    if dtype is not None:
+        return _ORIG_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+    name = _ORIG_TENSOR_TYPE(self)
+    return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+
+
+def _cuda_stays_on_cpu(self, device=None, non_blocking=False, memory_format=None):
+    return self if self.device.type == "cpu" else self.to(_CPU, non_blocking=non_blocking)
+
+
+@contextlib.contextmanager
+def _tensor_methods_on_cpu() -> Iterator[None]:
+    """For the duration: ``Tensor.type()`` names CPU tensors as CUDA types, ``.cuda()`` is a no-op.
+
+    Global while it lasts (tensor methods cannot be rebound per module), so it is entered only
+    around the few Megatron-Core functions in `_TENSOR_METHOD_FUNCTIONS`; nested entries nest.
+    """
+    global _tensor_methods_depth
+    with _tensor_methods_lock:
+        if _tensor_methods_depth == 0:
+            torch.Tensor.type = _type_as_cuda
+            torch.Tensor.cuda = _cuda_stays_on_cpu
+        _tensor_methods_depth += 1
+    try:
+        yield
+    finally:
+        with _tensor_methods_lock:
+            _tensor_methods_depth -= 1
+            if _tensor_methods_depth == 0:
+                torch.Tensor.type = _ORIG_TENSOR_TYPE
+                torch.Tensor.cuda = _ORIG_TENSOR_CUDA
+
+
+# (module, class or None, function): Megatron-Core functions that run under
+# `_tensor_methods_on_cpu`, and why.
+_TENSOR_METHOD_FUNCTIONS = (
+    # `model_param.type() == 'torch.cuda.FloatTensor'` sorts params into fp32/fp16 groups;
+    # a CPU param otherwise raises "Wrapped parameters must be one of torch.cuda.FloatTensor".
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        "_build_model_and_main_param_groups",
+    ),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    # Checkpointing the distributed optimizer ("fully_reshardable", the default non-gloo
+    # exchange): `send_tensor = send_tensor.cuda()` before the all-gather over DP.
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        "get_parameter_state_dp_zero",
+    ),
+    # `assert param.grad.type() == 'torch.cuda.FloatTensor'` before clipping.
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+    # Megatron-LM's get_batch helper: `data[key].cuda()` before the TP broadcast.
+    ("megatron.core.tensor_parallel.data", None, "broadcast_data"),
+    # Fully parallel checkpoint load (FullyParallelLoadStrategyWrapper): loaded shards are
+    # moved with `.cuda()` before they are exchanged over DP.
+    (
+        "megatron.core.dist_checkpointing.exchange_utils",
+        None,
+        "exchange_loaded_tensors_gather_rounds",
+    ),
+    ("megatron.core.dist_checkpointing.exchange_utils", None, "exchange_loaded_tensors_broadcast"),
+    # Weight-hash check across DP replicas: `torch.stack(hashes).cuda()`.
+    ("megatron.core.utils", None, "check_param_hashes_across_dp_replicas"),
+    # Tied embeddings with PP > 1: `weight.data = weight.data.cuda()` before the all-reduce
+    # that copies the first stage's embedding into the last stage's output layer.
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule",
+        "setup_embeddings_and_output_layer",
+    ),
+)
+
+
+def _wrap_tensor_methods(fn: Callable) -> Callable:
+    if isinstance(fn, classmethod | staticmethod):
+        kind = type(fn)
+        return kind(_wrap_tensor_methods(fn.__func__))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _tensor_methods_on_cpu():
+            return fn(*args, **kwargs)
+
+    wrapper.__dft_megatron_cpu_bridge__ = True
+    return wrapper
+
+
+def _get_cuda_rng_state_cpu(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
+    """tensor_parallel/random.py `_get_cuda_rng_state` on CPU: the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+def _set_cuda_rng_state_cpu(new_state: torch.Tensor, device=-1, graph_safe=False) -> None:
+    """tensor_parallel/random.py `_set_cuda_rng_state` on CPU: set the CPU generator's state."""
+    torch.set_rng_state(new_state)
+
+
+@contextlib.contextmanager
+def _cpu_fork(self, name: str | None = None) -> Iterator[None]:
+    """``CudaRNGStatesTracker.fork`` on CPU: run the block on the tracked stream `name`.
+
+    Same state machine as Megatron-Core's (save the current stream, switch to `name`, store
+    `name`'s advanced state on exit, switch back), minus its check that the CPU generator is
+    untouched inside the block: on CPU the tracked stream is the CPU generator.
+    """
+    if name is None:
+        from megatron.core.tensor_parallel import random as mrandom
+
+        name = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME
+    if name not in self.states_:
+        raise Exception(f"cuda rng state {name} is not added")
+    orig_state = torch.get_rng_state()
+    orig_name = self._current_state_name
+    if orig_name != "default-rng":
+        self.states_[orig_name] = orig_state
+    torch.set_rng_state(self.states_[name])
+    self._current_state_name = name
+    try:
+        yield
+    finally:
+        if self._current_state_name != name:
+            raise Exception(
+                f"current state name {self._current_state_name} is not the same as the "
+                f"desired state name {name}."
+            )
+        self.states_[name] = torch.get_rng_state()
+        if orig_name != "default-rng":
+            orig_state = self.states_[orig_name]
+        torch.set_rng_state(orig_state)
+        self._current_state_name = orig_name
+
+
+def _bridge_rng() -> str:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # Looked up by name inside random.py (fork, CheckpointFunction, _get/_set_all_rng_states).
+    mrandom._get_cuda_rng_state = _get_cuda_rng_state_cpu
+    mrandom._set_cuda_rng_state = _set_cuda_rng_state_cpu
+    # Class attribute, so trackers created before the bridge (and subclasses) use it too.
+    mrandom.CudaRNGStatesTracker.fork = _cpu_fork
+    return "tensor_parallel.random: RNG tracker on the CPU generator"
+
+
+def _bridge_optimizer_checkpoints() -> str:
+    """Gaps in the distributed optimizer's checkpoint code on the CPU configuration.
+
+    On CPU the model is fp32 and there is neither Transformer Engine nor apex
+    (``distrib_optimizer.HAVE_APEX_OR_TE`` false), so Megatron-Core's distributed optimizer
+    wraps torch.optim.AdamW, whose per-param state holds a ``step`` tensor and is empty until
+    the first step, and its fp32 "main params" are views of the model's parameters. The
+    checkpoint code trips on all three (found by tests/compat: resume raised, or resumed at a
+    wrong Adam step).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    optimizer_cls = distrib_optimizer.DistributedOptimizer
+    set_states = optimizer_cls._set_main_param_and_optimizer_states
+
+    # optimizer/distrib_optimizer.py `_set_main_param_and_optimizer_states` copies the loaded
+    # main param and moments in place. `load_parameter_state_from_dp_reshardable` calls it
+    # without torch.no_grad(), and an fp32 main param is a view of a leaf that requires grad:
+    # "a view of a leaf Variable ... in-place operation". With torch AdamW it also copies every
+    # tensor of the per-param state, `step` included, from `tensors`, though no checkpoint
+    # format carries the step there (load_state_dict restores it from the param groups):
+    # "fully_reshardable" has no `step` entry (KeyError('step')) and "dp_reshardable" holds a
+    # LocalNonpersistentObject, i.e. the load template's own value, which reset the restored
+    # step (to 0 for a fresh optimizer). Now: under no_grad, the step is never copied, and
+    # other missing keys are skipped like the non-tensor entries it already skips.
+    @functools.wraps(set_states)
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        loaded = collections.defaultdict(lambda: None, tensors)
+        loaded.pop("step", None)
+        with torch.no_grad():
+            return set_states(self, model_param, loaded)
+
+    optimizer_cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+    bridged = ["_set_main_param_and_optimizer_states"]
+
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        state_dict = optimizer_cls.state_dict
+        load_state_dict = optimizer_cls.load_state_dict
+
+        # `DistributedOptimizer.state_dict` reads the step from the inner optimizer's per-param
+        # state (`assert len(steps) == 1`); before the first step that state is empty and the
+        # assert fails, and `sharded_state_dict(is_loading=True)` calls state_dict() first: a
+        # fresh optimizer could not load a checkpoint. A never-stepped optimizer is reported
+        # at step 0, which is what it is.
+        @functools.wraps(state_dict)
+        def state_dict_before_first_step(self):
+            inner = self.optimizer
+            if len(inner.state) > 0:
+                return state_dict(self)
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p]["step"] = torch.zeros(())
+            try:
+                return state_dict(self)
+            finally:
+                inner.state.clear()
+
+        # `load_state_dict` puts ONE `step` tensor object into every param's state
+        # (`s["step"] = step`), and torch's AdamW increments each param's step in place: after
+        # the next step every param read step = 1 + number of params, and the bias correction
+        # after a resume was wrong. Each param gets its own copy.
+        @functools.wraps(load_state_dict)
+        def load_state_dict_own_steps(self, state_dict):
+            load_state_dict(self, state_dict)
+            for param_state in self.optimizer.state.values():
+                if isinstance(param_state.get("step"), torch.Tensor):
+                    param_state["step"] = param_state["step"].clone()
+
+        optimizer_cls.state_dict = state_dict_before_first_step
+        optimizer_cls.load_state_dict = load_state_dict_own_steps
+        bridged += ["state_dict", "load_state_dict"]
+    return f"DistributedOptimizer checkpoints: {', '.join(bridged)}"
+
+
+def _bridge_torch_norm_sequence_parallel() -> str:
+    """Sequence parallelism with the local spec's torch norms (no apex on CPU).
+
+    transformer/torch_norm.py ``WrappedTorchNorm`` (the local spec's norm without apex) asserts
+    ``not config.sequence_parallel`` because it never marks its parameters. Under sequence
+    parallelism each TP rank normalizes its own slice of the sequence, so the norm weights
+    receive partial gradients that ``finalize_model_grads`` must all-reduce over TP; it does
+    that for parameters with ``sequence_parallel = True``, as apex's FusedLayerNorm sets them.
+    The bridge builds the torch norm as usual and sets that attribute.
+    """
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    new = WrappedTorchNorm.__new__
+
+    @functools.wraps(new)
+    def new_with_sequence_parallel(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return new(cls, config, *args, **kwargs)
+        config.sequence_parallel = False  # only around the assert; construction is serial
+        try:
+            norm = new(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = new_with_sequence_parallel
+    return "WrappedTorchNorm: sequence parallel (params marked for the TP grad all-reduce)"
+
+
+def _bridge_view_modules() -> str:
+    view = _TorchOnCpu()
+    bridged = []
+    for module_name in _VIEW_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:  # a later Megatron-Core may move or drop a module
+            logger.warning("CPU bridge: cannot import %s (%s); not bridged", module_name, err)
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = view
+            bridged.append(module_name.removeprefix("megatron.core."))
+    return f"torch.cuda/device='cuda' on CPU in {len(bridged)} modules: {', '.join(bridged)}"
+
+
+def _rebind(module: types.ModuleType, name: str, new) -> None:
+    """Set `module.name = new`, and the same in every loaded Megatron-Core module that imported
+    the old object by name (``from .clip_grads import clip_grad_by_total_norm_fp32``)."""
+    old = getattr(module, name)
+    setattr(module, name, new)
+    for other_name, other in list(sys.modules.items()):
+        if other_name.startswith("megatron.core") and getattr(other, name, None) is old:
+            setattr(other, name, new)
+
+
+def _bridge_tensor_methods() -> str:
+    bridged = []
+    for module_name, class_name, func_name in _TENSOR_METHOD_FUNCTIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            logger.warning("CPU bridge: cannot import %s (%s); not bridged", module_name, err)
+            continue
+        if class_name is None:
+            _rebind(module, func_name, _wrap_tensor_methods(getattr(module, func_name)))
+        else:
+            cls = getattr(module, class_name)
+            # The raw attribute, so a classmethod stays a classmethod.
+            setattr(cls, func_name, _wrap_tensor_methods(cls.__dict__[func_name]))
+        bridged.append(f"{class_name + '.' if class_name else ''}{func_name}")
+    return f"Tensor.type()/.cuda() on CPU during: {', '.join(bridged)}"
+
+
+def _wanted(force: bool) -> bool:
+    return force or os.environ.get(ENV_FLAG) == "1" or not torch.cuda.is_available()
+
+
+def install_cpu_bridge(force: bool = False) -> bool:
+    """Let unmodified Megatron-Core run on CPU; a no-op on GPU. Returns whether it is active.
+
+    Applies the bridge when there is no CUDA device, when `force` is true or when the
+    environment variable ``DFT_MEGATRON_CPU=1``; otherwise changes nothing and returns False.
+    Call it before building models (any time before the first Megatron-Core call that would
+    touch CUDA); calling it again is a no-op that returns the same answer.
+    """
+    global _active
+    with _install_lock:
+        if _active:
+            return True
+        if not _wanted(force):
+            return False
+        pieces = [
+            _bridge_view_modules(),
+            _bridge_rng(),
+            _bridge_tensor_methods(),
+            _bridge_optimizer_checkpoints(),
+            _bridge_torch_norm_sequence_parallel(),
+        ]
+        _active = True
+    logger.info("Megatron-Core CPU bridge installed:\n  %s", "\n  ".join(pieces))
+    return True
+
+
+def cpu_bridge_active() -> bool:
+    """Whether `install_cpu_bridge` has bridged Megatron-Core to the CPU in this process."""
+    return _active
+
+
+def device() -> torch.device:
+    """Where to put tensors for Megatron-Core: the CPU under the bridge, else the current GPU."""
+    if _active:
+        return _CPU
+    return torch.device("cuda", torch.cuda.current_device())
