@@ -1,0 +1,157 @@
+"""Forward+backward time and peak memory of the DFT loss against Megatron-Core's CE.
+
+Measured in one run, on the same inputs (bf16 logits as a bf16 model produces them,
+[tokens, v/tp] per rank), at each TP size over gloo (CPU) or NCCL (GPU):
+
+  mcore_ce        Megatron-Core's vocab_parallel_cross_entropy        (the reference: 1.00)
+  mcore_fused_ce  Megatron-Core's fused_vocab_parallel_cross_entropy (torch.compile-d)
+  dft             dft_megatron's vocab_parallel_dft_cross_entropy, loss_type="dft"
+  dft_stats       the same with return_stats=True (target prob and entropy, for logging)
+  dft_official    DFT as the paper's code computes it: CE, plus a second full softmax
+                  whose target entry (gathered, detached) weights it
+  ce_times_p      Megatron-Core's CE, then ce * exp(-ce).detach()
+
+Peak memory is what the call holds above its inputs (see benchmarks/common.py).
+
+    python -m benchmarks.bench_loss                       # the README table
+    python -m benchmarks.bench_loss --tokens 1024 --vocab 32000 --tp 1 --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.common import MiB, command_line, measure_once, summarize, versions
+
+METHODS = ("mcore_ce", "mcore_fused_ce", "dft", "dft_stats", "dft_official", "ce_times_p")
+
+
+def _vocab_parallel_target_prob(logits, target, group):
+    """The paper's way: a full softmax over the (vocab-parallel) logits, then gather."""
+    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+    z = logits.float()
+    zmax = z.max(dim=-1, keepdim=True)[0]
+    dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+    exp = torch.exp(z - zmax)
+    denom = exp.sum(dim=-1, keepdim=True)
+    dist.all_reduce(denom, group=group)
+    probs = exp / denom
+    v = z.size(-1)
+    local = target - rank * v
+    in_shard = (local >= 0) & (local < v)
+    p = probs.gather(-1, local.clamp(0, v - 1).unsqueeze(-1)).squeeze(-1) * in_shard
+    if tp > 1:
+        dist.all_reduce(p, group=group)
+    return p.detach()
+
+
+def make_methods(group):
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from dft_megatron.loss import vocab_parallel_dft_cross_entropy
+
+    def dft_official(x, t):
+        p = _vocab_parallel_target_prob(x, t, group)
+        return vocab_parallel_cross_entropy(x, t, tp_group=group) * p
+
+    def ce_times_p(x, t):
+        ce = vocab_parallel_cross_entropy(x, t, tp_group=group)
+        return ce * torch.exp(-ce).detach()
+
+    return {
+        "mcore_ce": lambda x, t: vocab_parallel_cross_entropy(x, t, tp_group=group),
+        "mcore_fused_ce": lambda x, t: fused_vocab_parallel_cross_entropy(x, t, group),
+        "dft": lambda x, t: vocab_parallel_dft_cross_entropy(x, t, tp_group=group),
+        "dft_stats": lambda x, t: vocab_parallel_dft_cross_entropy(
+            x, t, tp_group=group, return_stats=True
+        )[0],
+        "dft_official": dft_official,
+        "ce_times_p": ce_times_p,
+    }
+
+
+def _worker(rank, world_size, args, out_path):
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    group = dist.new_group(list(range(world_size)))
+    methods = make_methods(group)
+    results = {}
+    for vocab in args.vocab:
+        g = torch.Generator().manual_seed(1234)
+        logits = (torch.randn(args.tokens, vocab, generator=g) * 3).to(args.dtype)
+        target = torch.randint(0, vocab, (args.tokens,), generator=g)
+        v = vocab // world_size
+        shard = logits[:, rank * v : (rank + 1) * v].contiguous().to(device)
+        target = target.to(device)
+        grad = torch.full((args.tokens,), 1.0 / args.tokens, device=device)
+        del logits
+        samples = {name: [] for name in args.methods}
+        # Round-robin over the methods, so that drift of the machine hits them all alike.
+        for rep in range(args.warmup + args.reps):
+            for name in args.methods:
+                fn = methods[name]
+                sample = measure_once(
+                    lambda x, fn=fn, t=target, g=grad: fn(x, t).backward(g),
+                    lambda s=shard: s.clone().requires_grad_(),
+                    device,
+                    barrier=lambda: dist.barrier(group),
+                )
+                if rep >= args.warmup:
+                    samples[name].append(sample)
+        for name in args.methods:
+            results[f"{vocab}/{name}"] = summarize(samples[name])
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch")
+    parser.add_argument(
+        "--vocab", type=int, nargs="+", default=[32000, 152064], help="vocabulary sizes"
+    )
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per method")
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per method (median)")
+    args = parser.parse_args(argv)
+    args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    for tp in args.tp:
+        bad = [v for v in args.vocab if v % tp]
+        if bad:
+            parser.error(f"--vocab {bad} not divisible by --tp {tp}")
+
+    from tests.dist import spawn
+
+    rows = []
+    for tp in args.tp:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "results.json")
+            spawn(_worker, tp, args, out, timeout=3600)
+            with open(out) as f:
+                results = json.load(f)
+        for vocab in args.vocab:
+            base_t, base_m = results[f"{vocab}/mcore_ce"]
+            for name in args.methods:
+                t, m = results[f"{vocab}/{name}"]
+                rows.append((tp, vocab, name, t * 1e3, t / base_t, m / MiB, m / base_m))
+
+    print(f"\n{command_line()}\n{versions()}; {args.tokens} tokens, {args.dtype} logits\n")
+    print("| TP | vocab | method | fwd+bwd ms | time / mcore_ce | peak MiB | memory / mcore_ce |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for tp, vocab, name, ms, tr, mib, mr in rows:
+        print(f"| {tp} | {vocab} | {name} | {ms:.1f} | {tr:.3f} | {mib:.0f} | {mr:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

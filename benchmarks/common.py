@@ -1,0 +1,116 @@
+"""Timing and peak-memory measurement shared by the benchmarks.
+
+Peak memory is the high-water mark of memory held during the measured call, above what
+was held when it started:
+- CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
+- CPU: the process's peak resident set size (VmHWM in /proc/self/status), reset through
+  /proc/self/clear_refs before the call. Buffers of the sizes benchmarked here are
+  mmap-ed by the allocator and handed back on free, so the resident set follows the live
+  tensors closely; small allocations are below the resolution that matters here.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+MiB = 1 << 20
+
+
+def _pin_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Make glibc mmap every allocation above `nbytes` and unmap it on free.
+
+    By default glibc raises its mmap threshold after large frees (up to 32 MiB), after
+    which freed buffers stay resident and are reused silently: the resident set would then
+    miss allocations. A fixed threshold keeps every tensor of interest visible.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, nbytes)
+    except OSError:
+        pass  # not glibc: the peak is then a lower bound
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+class PeakMemory:
+    """Context manager; `.peak_bytes` is the peak held during the block above its start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            _pin_mmap_threshold()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            self._start = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _status_kib("VmHWM") * 1024
+        self.peak_bytes = max(0, peak - self._start)
+        return False
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_once(
+    step: Callable[[object], None],
+    setup: Callable[[], object],
+    device: torch.device,
+    barrier: Callable[[], None] = lambda: None,
+) -> tuple[float, int]:
+    """Seconds and peak bytes of one `step(setup())`; `setup` runs outside the measurement."""
+    inputs = setup()
+    barrier()
+    synchronize(device)
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        step(inputs)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    return elapsed, mem.peak_bytes
+
+
+def summarize(samples: list[tuple[float, int]]) -> tuple[float, int]:
+    """Median seconds and largest peak over repeated `measure_once` samples."""
+    return statistics.median(t for t, _ in samples), max(m for _, m in samples)
+
+
+def versions() -> str:
+    import megatron.core
+
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"megatron-core {megatron.core.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def command_line() -> str:
+    return " ".join(["python", *sys.argv])
