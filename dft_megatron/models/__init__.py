@@ -1,0 +1,20 @@
+"""GPT-family models on Megatron-Core with the DFT loss."""
+
+from dft_megatron.models.config import FAMILIES, ModelConfig
+from dft_megatron.models.gpt import (
+    DFTGPTModel,
+    PrecisionConfig,
+    build_gpt_model,
+    resolve_transformer_impl,
+    transformer_config,
+)
+
+__all__ = [
+    "FAMILIES",
+    "DFTGPTModel",
+    "ModelConfig",
+    "PrecisionConfig",
+    "build_gpt_model",
+    "resolve_transformer_impl",
+    "transformer_config",
+]

@@ -1,0 +1,254 @@
+"""GPTModel construction from a `ModelConfig`, with the DFT loss as the model's loss.
+
+Megatron-Core has no spec slot for the loss: GPTModel's forward calls
+`self.compute_language_model_loss(labels, logits)` on the last pipeline stage (also inside
+multi-token prediction). `DFTGPTModel` overrides exactly that method, so the DFT loss
+runs wherever Megatron-Core would run its CE: every TP/PP/CP/SP layout, the TE and local
+layer specs. The tensor-parallel group is passed explicitly (the model's own).
+
+Layer specs: Transformer Engine's (`transformer_impl="transformer_engine"`, needed for FP8,
+context parallelism and THD packed sequences; GPU only) or Megatron-Core's local modules
+(`"local"`, which run on CPU). `"auto"` takes TE where it is importable and a GPU is
+present, else local.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from dft_megatron.loss import DFTLossStats, TokenWeighting, vocab_parallel_dft_cross_entropy
+from dft_megatron.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter and compute precision, Megatron-LM's flags."""
+
+    bf16: bool = False
+    """bf16 parameters and activations, fp32 main weights in the optimizer."""
+
+    fp16: bool = False
+    """fp16 parameters and activations with dynamic loss scaling."""
+
+    fp8_format: str | None = None
+    """FP8 GEMMs through Transformer Engine: "e4m3" or "hybrid" (e4m3 fwd, e5m2 bwd)."""
+
+    fp8_recipe: str = "delayed"
+    """TE FP8 recipe: delayed, tensorwise, mxfp8 or blockwise."""
+
+    fp8_margin: int = 0
+    """Scaling margin of the delayed recipe."""
+
+    fp8_amax_history_len: int = 1
+    """Amax history length of the delayed recipe."""
+
+    fp8_amax_compute_algo: str = "most_recent"
+    """"most_recent" or "max" over the amax history."""
+
+    transformer_impl: str = "auto"
+    """"transformer_engine", "local" or "auto" (TE on GPU when installed, else local)."""
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE build that fails to load its CUDA libraries
+        return False
+    return True
+
+
+def resolve_transformer_impl(precision: PrecisionConfig) -> str:
+    """ "local" or "transformer_engine"; refuses what cannot run here, naming what is missing."""
+    impl = precision.transformer_impl
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {impl!r}")
+    have_te, have_gpu = transformer_engine_available(), torch.cuda.is_available()
+    if impl == "auto":
+        impl = "transformer_engine" if have_te and have_gpu else "local"
+    if impl == "transformer_engine":
+        if not have_gpu:
+            raise RuntimeError(
+                "--transformer-impl transformer_engine needs a CUDA GPU and none is visible; "
+                "use --transformer-impl local on CPU"
+            )
+        if not have_te:
+            raise RuntimeError(
+                "--transformer-impl transformer_engine needs Transformer Engine: "
+                "pip install 'dft-megatron[te]', or run in the NGC PyTorch container"
+            )
+    if precision.fp8_format is not None:
+        if impl != "transformer_engine":
+            raise RuntimeError(
+                f"--fp8-format {precision.fp8_format} needs Transformer Engine layers on a "
+                f"GPU (--transformer-impl transformer_engine); here TE is "
+                f"{'installed' if have_te else 'not installed'} and a CUDA GPU is "
+                f"{'present' if have_gpu else 'absent'}. FP8 never falls back to bf16."
+            )
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            raise RuntimeError(
+                f"--fp8-format needs a GPU with FP8 tensor cores (compute capability >= 8.9: "
+                f"Ada, Hopper, Blackwell); this one is {major}.{minor}"
+            )
+    return impl
+
+
+def transformer_config(
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    context_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    transformer_impl: str = "local",
+    use_cpu_initialization: bool | None = None,
+) -> TransformerConfig:
+    """Megatron-Core's TransformerConfig for `model` at the given layout and precision."""
+    dtype = precision.params_dtype
+    fp8 = {}
+    if precision.fp8_format is not None:
+        fp8 = dict(
+            fp8=precision.fp8_format,
+            fp8_recipe=precision.fp8_recipe,
+            fp8_margin=precision.fp8_margin,
+            fp8_amax_history_len=precision.fp8_amax_history_len,
+            fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
+        )
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        # The loss is a global token mean: Megatron's per-token loss path (see training/).
+        calculate_per_token_loss=True,
+        # Megatron-Core's jit/apex fusions are GPU-only and optional; TE fuses on its own.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # Batched p2p posts [send prev, recv prev, send next, recv next] on every rank. gloo
+        # matches messages between two ranks by posting order, so at PP 2 (prev == next) in
+        # the interleaved schedule's steady state an activation can land in a gradient's
+        # receive buffer (seen: wrong losses at PP2 x VP2 with 4 micro-batches). Unbatched,
+        # Megatron-Core orders the ops by rank parity, which matches on any backend.
+        batch_p2p_comm=torch.cuda.is_available(),
+        transformer_impl=transformer_impl,
+        **fp8,
+    )
+
+
+def layer_spec(model: ModelConfig, transformer_impl: str):
+    """The decoder layer spec for `transformer_impl` ("local" or "transformer_engine")."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=None, moe_grouped_gemm=False, qk_layernorm=False
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=None,
+        moe_grouped_gemm=False,
+        qk_layernorm=False,
+        normalization=model.normalization,
+    )
+
+
+class DFTGPTModel(GPTModel):
+    """GPTModel whose language-model loss is the vocab-parallel DFT cross-entropy.
+
+    Extra constructor argument `loss_weighting` (a TokenWeighting; "sft" gives Megatron-Core's
+    plain CE). After each forward with labels, `last_loss_stats` holds that micro-batch's
+    per-token DFTLossStats, [b, s] each (last pipeline stage only; None elsewhere).
+    """
+
+    def __init__(self, *args, loss_weighting: TokenWeighting | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weighting = loss_weighting or TokenWeighting()
+        self.last_loss_stats: DFTLossStats | None = None
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        """labels [b, s], logits [s, b, v/tp] -> fp32 per-token loss [b, s]."""
+        w = self.loss_weighting
+        loss, stats = vocab_parallel_dft_cross_entropy(
+            logits,
+            labels.transpose(0, 1).contiguous(),  # [b, s] -> [s, b]
+            loss_type=w.loss_type,
+            dft_min_prob=w.dft_min_prob,
+            dft_alpha=w.dft_alpha,
+            sft_mix=w.sft_mix,
+            tp_group=self.tp_group,
+            return_stats=True,
+        )
+        # [s, b] -> [b, s]
+        self.last_loss_stats = DFTLossStats(*(t.transpose(0, 1) for t in stats))
+        return loss.transpose(0, 1).contiguous()
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    *,
+    loss_weighting: TokenWeighting,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+) -> DFTGPTModel:
+    """One pipeline stage (or virtual stage `vp_stage`) of `model` on this rank."""
+    tp = config.tensor_model_parallel_size
+    return DFTGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, config.transformer_impl),
+        vocab_size=model.embedding_rows(tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
+        rope_scaling=model.rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
+        vp_stage=vp_stage,
+        loss_weighting=loss_weighting,
+    )

@@ -1,0 +1,139 @@
+"""DFTGPTModel: the DFT loss inside Megatron-Core's GPTModel, for each model family.
+
+References: Megatron-Core's own GPTModel (its `vocab_parallel_cross_entropy` loss) with
+the same weights, for loss_type="sft" (per-token loss and every parameter gradient to
+1e-6, fp32); the per-token DFT weight sg(p) applied to that same CE, for "dft".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from dft_megatron.compat import install_cpu_bridge
+from dft_megatron.loss import TokenWeighting
+from dft_megatron.models import ModelConfig, PrecisionConfig, build_gpt_model, transformer_config
+from dft_megatron.models.gpt import layer_spec
+from tests.dist import spawn
+
+FAMILIES = {
+    "gpt": ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=96,
+        seq_length=16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
+    "llama3.2": ModelConfig(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=176,
+        seq_length=16,
+        position_embedding_type="rope",
+        rotary_base=500000,
+        rope_scaling=True,
+        rope_scaling_factor=32.0,
+        normalization="RMSNorm",
+        swiglu=True,
+        add_bias_linear=False,
+        untie_embeddings_and_output_weights=True,
+        vocab_size=96,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
+    "qwen2": ModelConfig(
+        family="qwen2",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=176,
+        seq_length=16,
+        position_embedding_type="rope",
+        rotary_base=1000000,
+        normalization="RMSNorm",
+        norm_epsilon=1e-6,
+        swiglu=True,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        vocab_size=96,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
+}
+
+
+def _models(model_cfg: ModelConfig, weighting: TokenWeighting):
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tcfg = transformer_config(model_cfg, PrecisionConfig(), tensor_model_parallel_size=tp)
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    ours = build_gpt_model(
+        model_cfg, tcfg, loss_weighting=weighting, pre_process=True, post_process=True
+    )
+    theirs = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(model_cfg, "local"),
+        vocab_size=model_cfg.embedding_rows(tp),
+        max_sequence_length=model_cfg.max_position_embeddings,
+        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+        position_embedding_type=model_cfg.position_embedding_type,
+        rotary_base=model_cfg.rotary_base,
+        rope_scaling=model_cfg.rope_scaling,
+        rope_scaling_factor=model_cfg.rope_scaling_factor,
+    )
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _batch(model_cfg: ModelConfig):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length + 1), generator=g)
+    pos = torch.arange(model_cfg.seq_length).expand(2, -1)
+    return tokens[:, :-1], pos, tokens[:, 1:]
+
+
+def _families_worker(rank, world_size):
+    install_cpu_bridge()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    for family in FAMILIES:
+        check_family(family)
+
+
+def check_family(family):
+    model_cfg = FAMILIES[family]
+    tokens, pos, labels = _batch(model_cfg)
+
+    # "sft": Megatron-Core's GPTModel, loss and gradients.
+    ours, theirs = _models(model_cfg, TokenWeighting("sft"))
+    grad_out = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2))
+    loss_ours = ours(tokens, pos, None, labels=labels)
+    loss_theirs = theirs(tokens, pos, None, labels=labels)
+    assert loss_ours.shape == labels.shape  # [b, s]
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-6, atol=1e-6)
+    loss_ours.backward(grad_out)
+    loss_theirs.backward(grad_out)
+    named = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    stats = ours.last_loss_stats
+    torch.testing.assert_close(stats.cross_entropy, loss_theirs.detach(), rtol=1e-6, atol=1e-6)
+
+    # "dft": the same CE weighted by sg(p) = exp(-CE), per token.
+    ours, theirs = _models(model_cfg, TokenWeighting("dft"))
+    loss_dft = ours(tokens, pos, None, labels=labels)
+    ce = theirs(tokens, pos, None, labels=labels).detach()
+    torch.testing.assert_close(loss_dft, torch.exp(-ce) * ce, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_families(tp):
+    spawn(_families_worker, tp)
