@@ -1,0 +1,94 @@
+"""From a map-style dataset to this rank's micro-batches of one global batch.
+
+Global batch k holds samples [k * G, (k + 1) * G) of the dataset (G = global batch
+size; the dataset's own order, shuffled or not, is its business). Data-parallel rank r
+takes the r-th contiguous slice of G / DP samples and cuts it into micro-batches, so the
+set of samples in a step and the token-mean loss over it are the same at every layout.
+Resuming from `consumed_samples` continues with the next global batch. Past the end of
+the dataset the sampler wraps to the start (training epochs) or, with `wrap=False` (one
+evaluation pass), fills the last global batch with samples that carry no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One micro-batch, [b, s] each."""
+
+    tokens: torch.Tensor
+    """Input token ids."""
+
+    labels: torch.Tensor
+    """Target ids: tokens shifted left by one."""
+
+    loss_mask: torch.Tensor
+    """1.0 where the label is a target, 0.0 where it carries no loss."""
+
+    position_ids: torch.Tensor
+    """Positions of the input tokens."""
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
+    """Samples {"tokens": [s + 1], "loss_mask": [s]} -> one Batch."""
+    tokens = torch.stack([s["tokens"] for s in samples])
+    loss_mask = torch.stack([s["loss_mask"] for s in samples]).float()
+    b, s1 = tokens.shape
+    position_ids = torch.arange(s1 - 1).unsqueeze(0).expand(b, s1 - 1)
+    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), loss_mask, position_ids)
+
+
+class GlobalBatchSampler:
+    """This DP rank's micro-batches of each global batch, in order."""
+
+    def __init__(
+        self,
+        dataset,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int = 0,
+        wrap: bool = True,
+    ):
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"--global-batch-size ({global_batch_size}) must be a multiple of "
+                f"--micro-batch-size ({micro_batch_size}) x data-parallel size ({dp_size})"
+            )
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.consumed_samples = consumed_samples
+        self.wrap = wrap
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def next_global_batch(self) -> list[Batch]:
+        """The micro-batches of the next global batch for this rank; advances the count."""
+        per_rank = self.global_batch_size // self.dp_size
+        start = self.consumed_samples + self.dp_rank * per_rank
+        self.consumed_samples += self.global_batch_size
+        samples = [self._sample(start + i) for i in range(per_rank)]
+        mbs = self.micro_batch_size
+        return [collate(samples[j : j + mbs]) for j in range(0, per_rank, mbs)]
+
+    def _sample(self, index: int) -> dict[str, torch.Tensor]:
+        n = len(self.dataset)
+        if index < n or self.wrap:
+            return self.dataset[index % n]
+        # Past the end of a single pass: a filler that carries no loss.
+        filler = dict(self.dataset[0])
+        filler["loss_mask"] = torch.zeros_like(filler["loss_mask"])
+        return filler

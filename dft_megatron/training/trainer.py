@@ -1,0 +1,518 @@
+"""The training loop on Megatron-Core.
+
+Megatron-Core's lean loop, complete: `initialize_model_parallel` -> GPTModel chunks with the
+DFT loss (one per virtual pipeline stage) -> Megatron `DistributedDataParallel` ->
+`get_megatron_optimizer` (optionally distributed) -> `OptimizerParamScheduler`; per step
+`get_forward_backward_func` (no pipelining, 1F1B or interleaved 1F1B) ->
+`finalize_model_grads` -> `optimizer.step()` (grad clipping inside) -> scheduler step.
+
+The loss is a global token mean over loss-masked target tokens: every micro-batch returns
+its loss *sum* and token count (Megatron-Core's per-token loss path,
+`calculate_per_token_loss=True`), and `finalize_model_grads` divides the gradients by the
+token count summed over micro-batches and DP x CP ranks. The result does not depend on
+how the global batch is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from dft_megatron.compat import install_cpu_bridge
+from dft_megatron.data import GlobalBatchSampler, MockDataset
+from dft_megatron.models import build_gpt_model, resolve_transformer_impl, transformer_config
+from dft_megatron.models.config import ModelConfig
+from dft_megatron.training import checkpointing
+from dft_megatron.training.config import ConfigError, TrainConfig
+from dft_megatron.training.metrics import MetricsLogger, MetricSums
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ set-up
+
+
+def initialize_distributed() -> None:
+    """Join the process group torchrun describes (env://); a lone process makes a world of 1."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate(cfg: TrainConfig, world_size: int, on_gpu: bool) -> int:
+    """Check the layout against the model and batch; returns the data-parallel size."""
+    m, p, o = cfg.model, cfg.parallel, cfg.optim
+    tp, pp, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    )
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise ConfigError(message)
+
+    try:
+        m.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp)):
+        need(
+            value >= 1,
+            f"--{name}-model-parallel-size must be >= 1, got {value}".replace(
+                "context-model", "context"
+            ),
+        )
+    need(
+        world_size % (tp * pp * cp) == 0,
+        f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}; "
+        "launch a multiple of that many processes",
+    )
+    need(
+        m.num_attention_heads % tp == 0,
+        f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+        f"--tensor-model-parallel-size ({tp})",
+    )
+    need(
+        m.num_query_groups % tp == 0,
+        f"--num-query-groups ({m.num_query_groups}) must be divisible by "
+        f"--tensor-model-parallel-size ({tp})",
+    )
+    need(
+        m.num_layers % pp == 0,
+        f"--num-layers ({m.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})",
+    )
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        lps = p.num_layers_per_virtual_pipeline_stage
+        need(
+            pp > 1,
+            "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
+        )
+        need(
+            lps >= 1 and (m.num_layers // pp) % lps == 0,
+            f"--num-layers-per-virtual-pipeline-stage ({lps}) must divide the layers per "
+            f"pipeline stage ({m.num_layers} / {pp} = {m.num_layers // pp})",
+        )
+    need(
+        not p.sequence_parallel or tp > 1,
+        "--sequence-parallel needs --tensor-model-parallel-size > 1",
+    )
+    need(
+        not p.overlap_param_gather or p.use_distributed_optimizer,
+        "--overlap-param-gather needs --use-distributed-optimizer",
+    )
+    if not on_gpu:
+        need(
+            cp == 1,
+            f"--context-parallel-size {cp} needs Transformer Engine attention on a GPU; "
+            "Megatron-Core's local attention (the CPU path) supports context parallel size 1",
+        )
+        need(
+            not (p.overlap_grad_reduce or p.overlap_param_gather),
+            "--overlap-grad-reduce / --overlap-param-gather overlap communication on CUDA "
+            "streams; drop them on CPU",
+        )
+    need(
+        cp == 1 or m.seq_length % (2 * cp) == 0,
+        f"--seq-length ({m.seq_length}) must be divisible by 2 x --context-parallel-size ({cp})",
+    )
+    need(not (cfg.precision.bf16 and cfg.precision.fp16), "--bf16 and --fp16 exclude each other")
+    dp = world_size // (tp * pp * cp)
+    gbs = o.global_batch_size if o.global_batch_size is not None else o.micro_batch_size * dp
+    need(
+        o.micro_batch_size >= 1 and gbs % (o.micro_batch_size * dp) == 0,
+        f"--global-batch-size ({gbs}) must be divisible by --micro-batch-size "
+        f"({o.micro_batch_size}) x data-parallel size ({dp} = world {world_size} / "
+        f"(TP {tp} x PP {pp} x CP {cp}))",
+    )
+    try:
+        # Fixed from here on (and in checkpoints), whatever TP later loads it.
+        m.padded_vocab_size = m.embedding_rows(tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    need(o.train_iters >= 0, f"--train-iters must be >= 0, got {o.train_iters}")
+    need(
+        cfg.data.mock_data,
+        "no training data: give --mock-data (synthetic tokens)",
+    )
+    return dp
+
+
+def resolve_model_config(cfg: TrainConfig, given: set[str]) -> checkpointing.CheckpointInfo | None:
+    """With --load, take the architecture from the checkpoint; model flags may only agree."""
+    if cfg.checkpoint.load is None:
+        return None
+    info = checkpointing.read_info(checkpointing.resolve(cfg.checkpoint.load))
+    stored = info.model
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    overrides = {k: getattr(cfg.model, k) for k in given & model_fields}
+    candidate = dataclasses.replace(stored, **overrides)
+    conflicts = stored.architecture_differences(candidate)
+    if conflicts:
+        raise ConfigError(
+            f"--load {cfg.checkpoint.load} holds a different architecture than the model flags "
+            f"ask for ({'; '.join(conflicts)}); drop those flags (the checkpoint's "
+            "architecture is used) or load a matching checkpoint"
+        )
+    cfg.model = candidate
+    return info
+
+
+def build_model(cfg: TrainConfig, transformer_impl: str) -> list[torch.nn.Module]:
+    """This rank's model chunks in Megatron DDP."""
+    p = cfg.parallel
+    vpp = None
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = cfg.model.num_layers // p.pipeline_model_parallel_size
+        vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
+    tcfg = transformer_config(
+        cfg.model,
+        cfg.precision,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        transformer_impl=transformer_impl,
+    )
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    chunks = []
+    for i in range(vpp or 1):
+        stage = i if vpp else None
+        model = build_gpt_model(
+            cfg.model,
+            tcfg,
+            loss_weighting=cfg.loss,
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(
+            DistributedDataParallel(
+                config=tcfg,
+                ddp_config=ddp_config,
+                module=model,
+                # Megatron-LM: only the first chunk's bucket reduction may not overlap.
+                disable_bucketing=i > 0,
+            )
+        )
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    if p.overlap_grad_reduce:
+        tcfg.no_sync_func = [c.no_sync for c in chunks]
+        if len(chunks) == 1:
+            tcfg.no_sync_func = tcfg.no_sync_func[0]
+    if p.overlap_param_gather:
+        tcfg.param_sync_func = [c.start_param_sync for c in chunks]
+        if len(chunks) == 1:
+            tcfg.param_sync_func = tcfg.param_sync_func[0]
+    return chunks
+
+
+def build_optimizer(cfg: TrainConfig, model: list[torch.nn.Module]):
+    o = cfg.optim
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.precision.bf16,
+        fp16=cfg.precision.fp16,
+        params_dtype=cfg.precision.params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model)
+    warmup = o.lr_warmup_iters
+    if o.lr_warmup_fraction is not None:
+        warmup = int(o.lr_warmup_fraction * o.train_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(o.train_iters, 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(o.train_iters, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+# ------------------------------------------------------------------ one step
+
+
+def _loss_func(loss_mask, chunk, sums: MetricSums, output_tensor):
+    """Micro-batch loss sum and token count (Megatron's per-token path), metrics on the side."""
+    loss_mask = loss_mask.float()
+    loss_sum = (output_tensor.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    sums.add(output_tensor, _unwrap(chunk).last_loss_stats, loss_mask)
+    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach()}
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _forward_step(device, sums, data_iterator, model):
+    batch = next(data_iterator).to(device)
+    output = model(
+        batch.tokens, batch.position_ids, None, labels=batch.labels
+    )  # [b, s] per-token loss on the last stage
+    return output, partial(_loss_func, batch.loss_mask, model, sums)
+
+
+def run_microbatches(model, batches, device, *, forward_only: bool) -> MetricSums:
+    """Forward (and backward) of `batches` through the pipeline; the step's global metrics."""
+    sums = MetricSums()
+    n = len(batches)
+    iterators = [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
+    get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, device, sums),
+        data_iterator=iterators,
+        model=model,
+        num_microbatches=n,
+        seq_length=batches[0].tokens.shape[1],
+        micro_batch_size=batches[0].tokens.shape[0],
+        forward_only=forward_only,
+    )
+    # Last-stage TP rank 0 of every DP/CP rank holds its share; everyone else adds zeros.
+    if not (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    ):
+        sums = MetricSums()
+    sums.all_reduce(device)
+    return sums
+
+
+# ------------------------------------------------------------------ the run
+
+
+def train(cfg: TrainConfig, given: set[str] | None = None) -> list[dict]:
+    """Run the configured training (or --eval-only); returns the logged records."""
+    given = given or set()
+    install_cpu_bridge()
+    initialize_distributed()
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    info = resolve_model_config(cfg, given)
+    dp = validate(cfg, dist.get_world_size(), on_gpu)
+    transformer_impl = resolve_transformer_impl(cfg.precision)
+    p, o = cfg.parallel, cfg.optim
+    gbs = o.global_batch_size or o.micro_batch_size * dp
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=(
+            cfg.model.num_layers
+            // p.pipeline_model_parallel_size
+            // p.num_layers_per_virtual_pipeline_stage
+            if p.num_layers_per_virtual_pipeline_stage
+            else None
+        ),
+        context_parallel_size=p.context_parallel_size,
+    )
+    try:
+        return _run(cfg, info, device, dp, gbs, transformer_impl)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
+    o, ck, lg = cfg.optim, cfg.checkpoint, cfg.logging
+    # Megatron-LM's seeding: distinct per pipeline stage; the tracker seeds TP streams.
+    torch.manual_seed(o.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+    model_parallel_cuda_manual_seed(o.seed)
+    logger.info(
+        "model %s: %d layers, hidden %d, %d heads (%d query groups), vocab %d (padded %d); "
+        "TP %d x PP %d x CP %d x DP %d, %s layers, loss %s",
+        cfg.model.family,
+        cfg.model.num_layers,
+        cfg.model.hidden_size,
+        cfg.model.num_attention_heads,
+        cfg.model.num_query_groups,
+        cfg.model.vocab_size,
+        cfg.model.padded_vocab_size,
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        cfg.parallel.context_parallel_size,
+        dp,
+        transformer_impl,
+        cfg.loss,
+    )
+    model = build_model(cfg, transformer_impl)
+    optimizer, scheduler = (None, None) if lg.eval_only else build_optimizer(cfg, model)
+
+    iteration, consumed = 0, 0
+    if info is not None:
+        weights_only = ck.finetune or lg.eval_only
+        checkpointing.load_checkpoint(
+            info,
+            model,
+            None if weights_only or ck.no_load_optim else optimizer,
+            None if weights_only or ck.no_load_optim else scheduler,
+            load_rng=not (weights_only or ck.no_load_rng),
+        )
+        if not weights_only:
+            iteration, consumed = info.iteration, info.consumed_samples
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    m = cfg.model
+    metrics = MetricsLogger(o.train_iters, lg.tensorboard_dir, lg.log_metrics_jsonl)
+    records = []
+    try:
+        if lg.eval_only:
+            valid = MockDataset(m.vocab_size, m.seq_length, o.seed + 1, size=lg.eval_iters * gbs)
+            sums = evaluate(model, valid, gbs, o.micro_batch_size, dp_rank, dp, device)
+            records.append(metrics.log_eval(iteration, sums, full_pass=True))
+            return records
+
+        train_data = GlobalBatchSampler(
+            MockDataset(m.vocab_size, m.seq_length, o.seed),
+            gbs,
+            o.micro_batch_size,
+            dp_rank,
+            dp,
+            consumed_samples=consumed,
+        )
+        start_iteration = iteration
+        saved = False  # whether the latest iteration is already on disk
+        while iteration < o.train_iters:
+            batches = train_data.next_global_batch()
+            t0 = time.perf_counter()
+            for chunk in model:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            sums = run_microbatches(model, batches, device, forward_only=False)
+            lr = optimizer.param_groups[0]["lr"]  # this step's; the scheduler moves it on
+            ok, grad_norm, _ = optimizer.step()
+            step_s = time.perf_counter() - t0
+            iteration += 1
+            summary = sums.summary()
+            if not math.isfinite(summary["loss"]) and summary["tokens"] > 0:
+                raise FloatingPointError(
+                    f"iteration {iteration}: the loss is {summary['loss']} (NaN/Inf); lower --lr, "
+                    "check the data, or use --bf16 instead of --fp16"
+                )
+            if ok:
+                scheduler.step(increment=1)
+            else:
+                logger.warning("iteration %d: skipped (gradient overflow)", iteration)
+            if iteration % lg.log_interval == 0 or iteration == o.train_iters:
+                records.append(
+                    metrics.log_train(
+                        iteration,
+                        sums,
+                        lr=lr,
+                        grad_norm=None if grad_norm is None else float(grad_norm),
+                        step_seconds=step_s,
+                        tokens_per_step=gbs * m.seq_length,
+                        iters_done_this_run=iteration - start_iteration,
+                    )
+                )
+            if lg.eval_interval and iteration % lg.eval_interval == 0:
+                valid = MockDataset(
+                    m.vocab_size, m.seq_length, o.seed + 1, size=lg.eval_iters * gbs
+                )
+                sums = evaluate(model, valid, gbs, o.micro_batch_size, dp_rank, dp, device)
+                records.append(metrics.log_eval(iteration, sums, full_pass=False))
+            saved = bool(ck.save and ck.save_interval and iteration % ck.save_interval == 0)
+            if saved:
+                _save(cfg, iteration, train_data.consumed_samples, model, optimizer, scheduler)
+            if ck.exit_interval and iteration % ck.exit_interval == 0:
+                logger.info(
+                    "exiting at iteration %d (--exit-interval %d)", iteration, ck.exit_interval
+                )
+                break
+        if ck.save and not saved:
+            _save(cfg, iteration, train_data.consumed_samples, model, optimizer, scheduler)
+        return records
+    finally:
+        metrics.close()
+
+
+def _save(cfg, iteration, consumed, model, optimizer, scheduler):
+    checkpointing.save_checkpoint(
+        cfg.checkpoint.save,
+        iteration,
+        consumed,
+        model,
+        optimizer,
+        scheduler,
+        cfg.model,
+        cfg.to_dict(),
+    )
+
+
+def evaluate(model, dataset, gbs, mbs, dp_rank, dp, device) -> MetricSums:
+    """One pass over `dataset` in eval mode: every sample once (a short last batch is padded
+    with samples that carry no loss)."""
+    total = MetricSums()
+    for chunk in model:
+        chunk.eval()
+    sampler = GlobalBatchSampler(dataset, gbs, mbs, dp_rank, dp, wrap=False)
+    try:
+        with torch.no_grad():
+            for _ in range(-(-len(dataset) // gbs)):
+                batches = sampler.next_global_batch()
+                total.values += run_microbatches(model, batches, device, forward_only=True).values
+    finally:
+        for chunk in model:
+            chunk.train()
+    return total
