@@ -110,9 +110,7 @@ def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=Fals
     logits = logits64.to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.rand(target.shape, generator=g, dtype=torch.float64) + 0.5
-    ref_loss, ref_grad, ref_p, ref_h, ref_ce = reference(
-        logits.double(), target, variant, grad_out
-    )
+    ref_loss, ref_grad, ref_p, ref_h, ref_ce = reference(logits.double(), target, variant, grad_out)
 
     x = shard(logits, tp, rank).clone().requires_grad_()
     loss, stats = vocab_parallel_dft_cross_entropy(
