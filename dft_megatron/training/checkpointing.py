@@ -83,7 +83,7 @@ def resolve(load: str) -> Path:
     if tracker.is_file():
         text = tracker.read_text().strip()
         if not re.fullmatch(r"\d+", text):
-            raise ValueError(f"--load {load}: {tracker} holds {text!r}, not an iteration number")
+            raise ConfigError(f"--load {load}: {tracker} holds {text!r}, not an iteration number")
         found = iteration_dir(path, int(text))
         if not (found / METADATA).is_file():
             raise FileNotFoundError(
