@@ -197,19 +197,22 @@ class DFTGPTModel(GPTModel):
     """GPTModel whose language-model loss is the vocab-parallel DFT cross-entropy.
 
     Extra constructor argument `loss_weighting` (a TokenWeighting; "sft" gives Megatron-Core's
-    plain CE). After each forward with labels, `last_loss_stats` holds that micro-batch's
-    per-token DFTLossStats, [b, s] each (last pipeline stage only; None elsewhere).
+    plain CE). While `collect_stats` is True (the default), each forward with labels leaves
+    that micro-batch's per-token DFTLossStats in `last_loss_stats`, [b, s] each (last
+    pipeline stage only); the entropy in them costs one more pass over the softmax, so the
+    trainer turns it on for the steps it logs. Otherwise `last_loss_stats` is None.
     """
 
     def __init__(self, *args, loss_weighting: TokenWeighting | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_weighting = loss_weighting or TokenWeighting()
+        self.collect_stats = True
         self.last_loss_stats: DFTLossStats | None = None
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
         """labels [b, s], logits [s, b, v/tp] -> fp32 per-token loss [b, s]."""
         w = self.loss_weighting
-        loss, stats = vocab_parallel_dft_cross_entropy(
+        out = vocab_parallel_dft_cross_entropy(
             logits,
             labels.transpose(0, 1).contiguous(),  # [b, s] -> [s, b]
             loss_type=w.loss_type,
@@ -217,11 +220,15 @@ class DFTGPTModel(GPTModel):
             dft_alpha=w.dft_alpha,
             sft_mix=w.sft_mix,
             tp_group=self.tp_group,
-            return_stats=True,
+            return_stats=self.collect_stats,
         )
-        # [s, b] -> [b, s]
-        self.last_loss_stats = DFTLossStats(*(t.transpose(0, 1) for t in stats))
-        return loss.transpose(0, 1).contiguous()
+        self.last_loss_stats = None
+        loss = out
+        if self.collect_stats:
+            loss, stats = out
+            # [s, b] -> [b, s]
+            self.last_loss_stats = DFTLossStats(*(t.transpose(0, 1) for t in stats))
+        return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
 
 def build_gpt_model(

@@ -37,8 +37,13 @@ class MetricSums:
         self.values = torch.zeros(_WIDTH, dtype=torch.float64)
 
     def add(self, loss, stats, mask) -> None:
-        """loss, stats fields and mask: [b, s]; mask 1.0 on target tokens."""
+        """loss, stats fields and mask: [b, s]; mask 1.0 on target tokens. Without stats
+        (None: a step that is not logged) only the loss sum and the token count."""
         m = mask.bool()
+        if stats is None:
+            self.values[0] += loss.detach()[m].double().sum().cpu()
+            self.values[4] += float(m.sum())
+            return
         p = stats.target_prob[m].double()
         regimes = torch.bucketize(p, torch.tensor(REGIME_EDGES, dtype=torch.float64))
         hist = (p * HIST_BINS).long().clamp_(0, HIST_BINS - 1)

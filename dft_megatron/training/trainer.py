@@ -316,8 +316,13 @@ def _forward_step(device, sums, data_iterator, model):
     return output, partial(_loss_func, batch.loss_mask, model, sums)
 
 
-def run_microbatches(model, batches, device, *, forward_only: bool) -> MetricSums:
-    """Forward (and backward) of `batches` through the pipeline; the step's global metrics."""
+def run_microbatches(
+    model, batches, device, *, forward_only: bool, collect_stats: bool = True
+) -> MetricSums:
+    """Forward (and backward) of `batches` through the pipeline; the step's global metrics
+    (only the loss and token count unless `collect_stats`)."""
+    for chunk in model:
+        _unwrap(chunk).collect_stats = collect_stats
     sums = MetricSums()
     n = len(batches)
     iterators = [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
@@ -439,7 +444,10 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
             for chunk in model:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            sums = run_microbatches(model, batches, device, forward_only=False)
+            logged = (iteration + 1) % lg.log_interval == 0 or iteration + 1 == o.train_iters
+            sums = run_microbatches(
+                model, batches, device, forward_only=False, collect_stats=logged
+            )
             lr = optimizer.param_groups[0]["lr"]  # this step's; the scheduler moves it on
             ok, grad_norm, _ = optimizer.step()
             step_s = time.perf_counter() - t0
@@ -454,7 +462,7 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
                 scheduler.step(increment=1)
             else:
                 logger.warning("iteration %d: skipped (gradient overflow)", iteration)
-            if iteration % lg.log_interval == 0 or iteration == o.train_iters:
+            if logged:
                 records.append(
                     metrics.log_train(
                         iteration,
