@@ -113,4 +113,7 @@ def versions() -> str:
 
 
 def command_line() -> str:
-    return " ".join(["python", *sys.argv])
+    """The command as typed (`python -m benchmarks.bench_loss ...`)."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    argv[0] = "python"
+    return " ".join(argv)

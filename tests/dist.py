@@ -63,14 +63,26 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) ->
 
 
 def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; raise if any rank fails."""
-    context = mp.start_processes(
-        _worker,
-        args=(world_size, free_port(), fn, args),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; raise if any rank fails.
+
+    The ranks see no GPU (CUDA_VISIBLE_DEVICES=""), so on a GPU machine too they test the
+    CPU paths they were written for; tests/gpu/ has its own NCCL launcher.
+    """
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned interpreters
+    try:
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+    finally:
+        if hidden is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     deadline = time.monotonic() + timeout
     descendants: dict[int, psutil.Process] = {}
     try:

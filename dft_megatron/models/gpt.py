@@ -104,7 +104,32 @@ def resolve_transformer_impl(precision: PrecisionConfig) -> str:
                 f"--fp8-format needs a GPU with FP8 tensor cores (compute capability >= 8.9: "
                 f"Ada, Hopper, Blackwell); this one is {major}.{minor}"
             )
+        ok, reason = _te_fp8_recipe_support(precision.fp8_recipe)
+        if not ok:
+            raise RuntimeError(
+                f"--fp8-recipe {precision.fp8_recipe} cannot run here: Transformer Engine "
+                f"says {reason!r} (mxfp8 needs Blackwell, blockwise Hopper with a recent "
+                "CUDA and TE; delayed and tensorwise run on Ada and Hopper)"
+            )
     return impl
+
+
+def _te_fp8_recipe_support(recipe: str) -> tuple[bool, str]:
+    """Transformer Engine's own verdict on `recipe` for this GPU: (available, reason)."""
+    try:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    except ImportError:  # newer TE moved it
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    check = {
+        "delayed": "is_fp8_available",
+        "tensorwise": "is_fp8_available",
+        "mxfp8": "is_mxfp8_available",
+        "blockwise": "is_fp8_block_scaling_available",
+    }[recipe]
+    fn = getattr(FP8GlobalStateManager, check, None)
+    if fn is None:
+        return False, f"this TE version has no {check} (too old for --fp8-recipe {recipe})"
+    return fn()
 
 
 def transformer_config(

@@ -286,6 +286,10 @@ def build_optimizer(cfg: TrainConfig, model: list[torch.nn.Module]):
         end_wd=o.weight_decay,
         wd_incr_steps=max(o.train_iters, 1),
         wd_incr_style="constant",
+        # On resume the schedule comes from the flags (lr, warm-up, --train-iters), the step
+        # count from the checkpoint: a run resumed with a longer --train-iters stretches it.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
 
@@ -343,6 +347,23 @@ def run_microbatches(
         sums = MetricSums()
     sums.all_reduce(device)
     return sums
+
+
+def train_step(model, optimizer, scheduler, batches, device, *, collect_stats: bool):
+    """One optimizer step on this rank's micro-batches of a global batch.
+
+    Returns (global metrics, learning rate used, grad norm or None, whether the update was
+    applied; False: skipped for a gradient overflow under fp16 loss scaling).
+    """
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    sums = run_microbatches(model, batches, device, forward_only=False, collect_stats=collect_stats)
+    lr = optimizer.param_groups[0]["lr"]  # this step's; the scheduler moves it on
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return sums, lr, None if grad_norm is None else float(grad_norm), ok
 
 
 # ------------------------------------------------------------------ the run
@@ -441,26 +462,19 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
         while iteration < o.train_iters:
             batches = train_data.next_global_batch()
             t0 = time.perf_counter()
-            for chunk in model:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
             logged = (iteration + 1) % lg.log_interval == 0 or iteration + 1 == o.train_iters
-            sums = run_microbatches(
-                model, batches, device, forward_only=False, collect_stats=logged
+            sums, lr, grad_norm, ok = train_step(
+                model, optimizer, scheduler, batches, device, collect_stats=logged
             )
-            lr = optimizer.param_groups[0]["lr"]  # this step's; the scheduler moves it on
-            ok, grad_norm, _ = optimizer.step()
             step_s = time.perf_counter() - t0
             iteration += 1
             summary = sums.summary()
             if not math.isfinite(summary["loss"]) and summary["tokens"] > 0:
                 raise FloatingPointError(
-                    f"iteration {iteration}: the loss is {summary['loss']} (NaN/Inf); lower --lr, "
-                    "check the data, or use --bf16 instead of --fp16"
+                    f"iteration {iteration}: the loss is {summary['loss']} (NaN/Inf); lower "
+                    "--lr, check the data, or use --bf16 instead of --fp16"
                 )
-            if ok:
-                scheduler.step(increment=1)
-            else:
+            if not ok:
                 logger.warning("iteration %d: skipped (gradient overflow)", iteration)
             if logged:
                 records.append(
@@ -468,7 +482,7 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
                         iteration,
                         sums,
                         lr=lr,
-                        grad_norm=None if grad_norm is None else float(grad_norm),
+                        grad_norm=grad_norm,
                         step_seconds=step_s,
                         tokens_per_step=gbs * m.seq_length,
                         iters_done_this_run=iteration - start_iteration,
@@ -496,6 +510,12 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
 
 
 def _save(cfg, iteration, consumed, model, optimizer, scheduler):
+    overlap = cfg.parallel.overlap_param_gather
+    if overlap:
+        # With overlapped param gather the step leaves the all-gather of updated parameters
+        # to the next forward; finish it first so the save holds the new weights everywhere.
+        for chunk in model:
+            chunk.disable_forward_pre_hook(param_sync=True)
     checkpointing.save_checkpoint(
         cfg.checkpoint.save,
         iteration,
@@ -506,6 +526,9 @@ def _save(cfg, iteration, consumed, model, optimizer, scheduler):
         cfg.model,
         cfg.to_dict(),
     )
+    if overlap:
+        for chunk in model:
+            chunk.enable_forward_pre_hook()
 
 
 def evaluate(model, dataset, gbs, mbs, dp_rank, dp, device) -> MetricSums:
