@@ -34,6 +34,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
 
 from dft_megatron.compat import install_cpu_bridge
 from dft_megatron.data import GlobalBatchSampler, MockDataset
@@ -213,7 +214,9 @@ def build_model(cfg: TrainConfig, transformer_impl: str) -> list[torch.nn.Module
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # fp16's dynamic loss scaling overflows on purpose (the optimizer then skips the step
+        # and lowers the scale); everywhere else a NaN gradient stops the run at once.
+        check_for_nan_in_grad=not cfg.precision.fp16,
     )
     chunks = []
     for i in range(vpp or 1):
@@ -232,6 +235,10 @@ def build_model(cfg: TrainConfig, transformer_impl: str) -> list[torch.nn.Module
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        if cfg.precision.bf16 or cfg.precision.fp16:
+            # Casts the first stage's inputs to the parameters' dtype and the last stage's
+            # outputs back to fp32 (the per-token loss is fp32 already).
+            model = Float16Module(tcfg, model)
         chunks.append(
             DistributedDataParallel(
                 config=tcfg,
@@ -271,6 +278,9 @@ def build_optimizer(cfg: TrainConfig, model: list[torch.nn.Module]):
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
+    # The schedules multiply each micro-batch's loss by this before backward: fp16's dynamic
+    # loss scale (1.0 for bf16/fp32), which the optimizer divides out again.
+    _unwrap(model[0]).config.grad_scale_func = optimizer.scale_loss
     warmup = o.lr_warmup_iters
     if o.lr_warmup_fraction is not None:
         warmup = int(o.lr_warmup_fraction * o.train_iters)

@@ -260,3 +260,14 @@ def test_logging_outputs(initial_checkpoint, tmp_path):
 
     data = MockDataset(200, 32, seed=7 + 1, size=8)
     assert rec["tokens"] == sum(int(data[i]["loss_mask"].sum()) for i in range(8))
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_half_precision_tracks_fp32(precision, initial_checkpoint, reference, tmp_path):
+    """bf16/fp16 parameters (Float16Module, fp32 main weights, fp16 loss scaling): the first
+    step's DFT loss and CE match fp32's from the same weights to 2e-2 relative."""
+    got = run(
+        tmp_path, precision, 1, _finetune(initial_checkpoint, "--micro-batch-size", "4", precision)
+    )
+    for key in ("loss", "ce_loss"):
+        assert got[0][key] == pytest.approx(reference[0][key], rel=2e-2), (key, got[0])
