@@ -75,7 +75,7 @@ class CheckpointInfo:
 
 
 def resolve(load: str) -> Path:
-    """The checkpoint folder `--load` means: SAVE (its latest) or SAVE/iter_XXXXXXX itself."""
+    """The checkpoint folder `--load` means: SAVE (its latest) or SAVE/iter_NNNNNNN itself."""
     path = Path(load)
     if (path / METADATA).is_file():
         return path
@@ -95,7 +95,7 @@ def resolve(load: str) -> Path:
         raise FileNotFoundError(f"--load {load}: no such directory")
     raise FileNotFoundError(
         f"--load {load}: neither a checkpoint (no {METADATA}) nor a save directory (no "
-        f"{TRACKER}); give the folder passed to --save or one of its iter_XXXXXXX folders"
+        f"{TRACKER}); give the folder passed to --save or one of its iter_NNNNNNN folders"
     )
 
 

@@ -102,10 +102,10 @@ class CheckpointConfig:
     """Where checkpoints go and what is restored."""
 
     save: str | None = None
-    """Checkpoint directory to write (iter_XXXXXXX/ folders, latest_checkpointed_iteration.txt)."""
+    """Checkpoint directory to write (iter_NNNNNNN/ folders, latest_checkpointed_iteration.txt)."""
 
     load: str | None = None
-    """Checkpoint directory (or one iter_XXXXXXX folder) to start from."""
+    """Checkpoint directory (or one iter_NNNNNNN folder) to start from."""
 
     save_interval: int | None = None
     """Save every N iterations (and always at the end when --save is given)."""
