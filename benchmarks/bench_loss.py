@@ -11,7 +11,10 @@ Measured in one run, on the same inputs (bf16 logits as a bf16 model produces th
                   whose target entry (gathered, detached) weights it
   ce_times_p      Megatron-Core's CE, then ce * exp(-ce).detach()
 
-Peak memory is what the call holds above its inputs (see benchmarks/common.py).
+Time: the median of the timed calls; its ratio to mcore_ce is the median over repetitions
+of the ratio within one repetition (every method runs once per repetition, round-robin),
+which cancels load that comes and goes. Peak memory is what the call holds above its
+inputs (see benchmarks/common.py).
 
     python -m benchmarks.bench_loss                       # the README table
     python -m benchmarks.bench_loss --tokens 1024 --vocab 32000 --tp 1 --reps 2
@@ -22,12 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import MiB, command_line, measure_once, summarize, versions
+from benchmarks.common import (
+    MiB,
+    command_line,
+    measure_once,
+    paired_ratio,
+    summarize,
+    versions,
+)
 
 METHODS = ("mcore_ce", "mcore_fused_ce", "dft", "dft_stats", "dft_official", "ce_times_p")
 
@@ -107,7 +118,10 @@ def _worker(rank, world_size, args, out_path):
                 if rep >= args.warmup:
                     samples[name].append(sample)
         for name in args.methods:
-            results[f"{vocab}/{name}"] = summarize(samples[name])
+            results[f"{vocab}/{name}"] = (
+                [t for t, _ in samples[name]],
+                summarize(samples[name])[1],
+            )
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -126,6 +140,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5, help="timed calls per method (median)")
     args = parser.parse_args(argv)
     args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if "mcore_ce" not in args.methods:
+        parser.error("--methods must include mcore_ce, the reference of the ratios")
     for tp in args.tp:
         bad = [v for v in args.vocab if v % tp]
         if bad:
@@ -141,10 +157,13 @@ def main(argv=None):
             with open(out) as f:
                 results = json.load(f)
         for vocab in args.vocab:
-            base_t, base_m = results[f"{vocab}/mcore_ce"]
+            seconds = {name: results[f"{vocab}/{name}"][0] for name in args.methods}
+            base_m = results[f"{vocab}/mcore_ce"][1]
             for name in args.methods:
-                t, m = results[f"{vocab}/{name}"]
-                rows.append((tp, vocab, name, t * 1e3, t / base_t, m / MiB, m / base_m))
+                m = results[f"{vocab}/{name}"][1]
+                t = statistics.median(seconds[name])
+                ratio = paired_ratio(seconds, name, "mcore_ce")
+                rows.append((tp, vocab, name, t * 1e3, ratio, m / MiB, m / base_m))
 
     print(f"\n{command_line()}\n{versions()}; {args.tokens} tokens, {args.dtype} logits\n")
     print("| TP | vocab | method | fwd+bwd ms | time / mcore_ce | peak MiB | memory / mcore_ce |")

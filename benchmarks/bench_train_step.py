@@ -44,7 +44,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import MiB, command_line, measure_once, summarize, versions
+from benchmarks.common import (
+    MiB,
+    command_line,
+    measure_once,
+    paired_ratio,
+    summarize,
+    versions,
+)
 
 VARIANTS = ("trainer_dft", "trainer_sft", "mcore_bare")
 
@@ -250,15 +257,6 @@ def _worker(rank, world_size, args, out_path):
             json.dump(results, f)
 
 
-def _paired_ratio(seconds: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over repetitions of a's time / b's time in the same repetition.
-
-    The steps of one repetition run back to back, so load from outside the benchmark that
-    comes and goes (a shared machine) cancels in the ratio, unlike in a ratio of medians.
-    """
-    return statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-layers", type=int, default=4)
@@ -290,8 +288,8 @@ def main(argv=None):
                     tp,
                     name,
                     statistics.median(seconds[name]) * 1e3,
-                    _paired_ratio(seconds, name, "mcore_bare"),
-                    _paired_ratio(seconds, name, "trainer_sft"),
+                    paired_ratio(seconds, name, "mcore_bare"),
+                    paired_ratio(seconds, name, "trainer_sft"),
                     got["peak_bytes"][name] / MiB,
                 )
             )

@@ -102,6 +102,16 @@ def summarize(samples: list[tuple[float, int]]) -> tuple[float, int]:
     return statistics.median(t for t, _ in samples), max(m for _, m in samples)
 
 
+def paired_ratio(seconds: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over repetitions of a's time / b's time in the same repetition.
+
+    The calls of one repetition run back to back, so load from outside the benchmark that
+    comes and goes (a shared machine, the kernel zeroing fresh pages) cancels in the ratio,
+    unlike in a ratio of medians.
+    """
+    return statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))
+
+
 def versions() -> str:
     import megatron.core
 
