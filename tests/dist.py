@@ -35,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
     import torch
     import torch.distributed as dist
 
@@ -46,10 +46,16 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) ->
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
-    # Two cores are shared by all ranks: one intra-op thread each avoids oversubscription.
-    torch.set_num_threads(1)
+    if backend == "nccl":
+        # Megatron-LM's setting for TP communication ordering; no TF32 in cuBLAS/cuDNN, so
+        # that fp32 runs compare at fp32 precision.
+        os.environ.update(CUDA_DEVICE_MAX_CONNECTIONS="1", NVIDIA_TF32_OVERRIDE="0")
+        torch.cuda.set_device(rank)
+    else:
+        # Two cores are shared by all ranks: one intra-op thread each avoids oversubscription.
+        torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
     finally:
         try:
@@ -62,25 +68,33 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) ->
                 dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; raise if any rank fails.
+def spawn(
+    fn: Callable,
+    world_size: int,
+    *args,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    backend: str = "gloo",
+) -> None:
+    """Run `fn(rank, world_size, *args)` on `world_size` ranks; raise if any rank fails.
 
-    The ranks see no GPU (CUDA_VISIBLE_DEVICES=""), so on a GPU machine too they test the
-    CPU paths they were written for; tests/gpu/ has its own NCCL launcher.
+    backend "gloo" (the CPU tests): the ranks see no GPU (CUDA_VISIBLE_DEVICES=""), so on a
+    GPU machine too they test the CPU paths they were written for. backend "nccl"
+    (tests/gpu): one GPU per rank.
     """
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned interpreters
+    if backend == "gloo":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned interpreters
     try:
         context = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), fn, args),
+            args=(world_size, free_port(), backend, fn, args),
             nprocs=world_size,
             join=False,
             start_method="spawn",
         )
     finally:
         if hidden is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     deadline = time.monotonic() + timeout

@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.dist import _kill, _note_descendants, free_port
+from tests.dist import spawn
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (TE layers, FP8, NCCL)"
@@ -118,52 +115,11 @@ def fp8_unsupported(recipe: str) -> str | None:
 # ------------------------------------------------------------------ NCCL processes
 
 
-def _nccl_rank(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
-    """One rank: the environment torchrun gives; `train` joins the NCCL group itself."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        # Megatron-LM's setting for TP communication ordering; and no TF32 in cuBLAS/cuDNN,
-        # so that fp32 runs compare at fp32 precision.
-        CUDA_DEVICE_MAX_CONNECTIONS="1",
-        NVIDIA_TF32_OVERRIDE="0",
-    )
-    import torch.distributed as dist
-
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def spawn_nccl(fn, world_size: int, *args, timeout: float = TIMEOUT_S) -> None:
     """Run `fn(rank, world_size, *args)` on `world_size` GPUs (one process each)."""
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
-    context = mp.start_processes(
-        _nccl_rank,
-        args=(world_size, free_port(), fn, args),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout
-    descendants = {}
-    try:
-        while not context.join(timeout=1.0):
-            _note_descendants(context.processes, descendants)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} on {world_size} GPUs: no end in {timeout} s")
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-        _kill(descendants.values())
+    spawn(fn, world_size, *args, timeout=timeout, backend="nccl")
 
 
 def _train_worker(rank, world_size, argv, out):
