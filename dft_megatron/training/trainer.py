@@ -90,13 +90,12 @@ def validate(cfg: TrainConfig, world_size: int, on_gpu: bool) -> int:
         m.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp)):
-        need(
-            value >= 1,
-            f"--{name}-model-parallel-size must be >= 1, got {value}".replace(
-                "context-model", "context"
-            ),
-        )
+    for flag, value in (
+        ("--tensor-model-parallel-size", tp),
+        ("--pipeline-model-parallel-size", pp),
+        ("--context-parallel-size", cp),
+    ):
+        need(value >= 1, f"{flag} must be >= 1, got {value}")
     need(
         world_size % (tp * pp * cp) == 0,
         f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}; "
