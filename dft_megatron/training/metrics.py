@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -105,6 +106,7 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(tensorboard_dir)
         if jsonl_path:
+            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(jsonl_path, "a")  # noqa: SIM115 (closed in close())
 
     def log_train(
