@@ -248,7 +248,7 @@ def load_checkpoint(
     if load_rng and not same_layout:
         logger.warning(
             "checkpoint saved at TP%d x PP%d, loading at TP%d x PP%d: RNG states are per layout "
-            "and are not restored (weights and optimizer state are resharded)",
+            "and are not restored (the weights are resharded)",
             info.tensor_model_parallel_size,
             info.pipeline_model_parallel_size,
             parallel_state.get_tensor_model_parallel_world_size(),

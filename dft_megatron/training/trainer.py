@@ -446,6 +446,9 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
         )
         if not weights_only:
             iteration, consumed = info.iteration, info.consumed_samples
+            if ck.no_load_optim and scheduler is not None:
+                # A fresh scheduler continues the schedule from the loaded iteration.
+                scheduler.step(increment=iteration)
 
     dp_rank = parallel_state.get_data_parallel_rank()
     m = cfg.model
