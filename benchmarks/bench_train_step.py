@@ -132,7 +132,7 @@ class _BareMcoreStep:
         from megatron.core.models.gpt import GPTModel
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        from dft_megatron.models.gpt import layer_spec, transformer_config
+        from dft_megatron.models.gpt import gpt_model_kwargs, transformer_config
 
         m, o = cfg.model, cfg.optim
         tcfg = transformer_config(
@@ -143,17 +143,7 @@ class _BareMcoreStep:
         )
         tcfg.finalize_model_grads_func = finalize_model_grads
         _seed(o.seed)
-        model = GPTModel(
-            config=tcfg,
-            transformer_layer_spec=layer_spec(m, "local"),
-            vocab_size=m.padded_vocab_size,
-            max_sequence_length=m.max_position_embeddings,
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-            position_embedding_type=m.position_embedding_type,
-        )
+        model = GPTModel(**gpt_model_kwargs(m, tcfg))
         if device.type == "cuda":
             model.cuda(device)
         # The trainer's DDP settings, so that the comparison isolates the loss and metrics.

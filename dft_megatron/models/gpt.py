@@ -256,21 +256,20 @@ class DFTGPTModel(GPTModel):
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
 
-def build_gpt_model(
+def gpt_model_kwargs(
     model: ModelConfig,
     config: TransformerConfig,
     *,
-    loss_weighting: TokenWeighting,
-    pre_process: bool,
-    post_process: bool,
+    pre_process: bool = True,
+    post_process: bool = True,
     vp_stage: int | None = None,
-) -> DFTGPTModel:
-    """One pipeline stage (or virtual stage `vp_stage`) of `model` on this rank."""
-    tp = config.tensor_model_parallel_size
-    return DFTGPTModel(
+) -> dict:
+    """Megatron-Core GPTModel's constructor arguments for `model` (shared by DFTGPTModel and
+    the plain-GPTModel references in tests and benchmarks, so both build the same network)."""
+    return dict(
         config=config,
         transformer_layer_spec=layer_spec(model, config.transformer_impl),
-        vocab_size=model.embedding_rows(tp),
+        vocab_size=model.embedding_rows(config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -282,5 +281,22 @@ def build_gpt_model(
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
         vp_stage=vp_stage,
+    )
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    *,
+    loss_weighting: TokenWeighting,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+) -> DFTGPTModel:
+    """One pipeline stage (or virtual stage `vp_stage`) of `model` on this rank."""
+    return DFTGPTModel(
+        **gpt_model_kwargs(
+            model, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+        ),
         loss_weighting=loss_weighting,
     )

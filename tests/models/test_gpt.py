@@ -16,7 +16,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from dft_megatron.compat import install_cpu_bridge
 from dft_megatron.loss import TokenWeighting
 from dft_megatron.models import ModelConfig, PrecisionConfig, build_gpt_model, transformer_config
-from dft_megatron.models.gpt import layer_spec
+from dft_megatron.models.gpt import gpt_model_kwargs
 from tests.dist import spawn
 
 FAMILIES = {
@@ -79,17 +79,7 @@ def _models(model_cfg: ModelConfig, weighting: TokenWeighting):
     ours = build_gpt_model(
         model_cfg, tcfg, loss_weighting=weighting, pre_process=True, post_process=True
     )
-    theirs = GPTModel(
-        config=tcfg,
-        transformer_layer_spec=layer_spec(model_cfg, "local"),
-        vocab_size=model_cfg.embedding_rows(tp),
-        max_sequence_length=model_cfg.max_position_embeddings,
-        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
-        position_embedding_type=model_cfg.position_embedding_type,
-        rotary_base=model_cfg.rotary_base,
-        rope_scaling=model_cfg.rope_scaling,
-        rope_scaling_factor=model_cfg.rope_scaling_factor,
-    )
+    theirs = GPTModel(**gpt_model_kwargs(model_cfg, tcfg))
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
