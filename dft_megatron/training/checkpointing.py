@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
 
 from dft_megatron.models.config import ModelConfig
 from dft_megatron.training.config import ConfigError
@@ -117,12 +118,6 @@ def read_info(path: Path) -> CheckpointInfo:
     )
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _rng_state() -> ShardedObject:
     """This rank's RNG states, one shard per (PP rank, TP rank), replicated over DP/CP."""
     state = {
@@ -158,10 +153,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(model, optimizer, scheduler, *, with_rng: bool, loading: bool) -> dict:
-    state = {f"model{i}": _unwrap(c).sharded_state_dict(prefix="") for i, c in enumerate(model)}
+    chunks = unwrap_model(model)
+    state = {f"model{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            {k: v for k, v in state.items()}, is_loading=loading, metadata=OPTIMIZER_METADATA
+            dict(state), is_loading=loading, metadata=OPTIMIZER_METADATA
         )
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
@@ -257,8 +253,8 @@ def load_checkpoint(
         load_rng = False
     state = _sharded_state(model, optimizer, scheduler, with_rng=load_rng, loading=True)
     loaded = dist_checkpointing.load(state, str(info.path))
-    for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+    for i, chunk in enumerate(unwrap_model(model)):
+        chunk.load_state_dict(loaded[f"model{i}"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

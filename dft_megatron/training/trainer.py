@@ -35,6 +35,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import unwrap_model
 
 from dft_megatron.compat import install_cpu_bridge
 from dft_megatron.data import GlobalBatchSampler, MockDataset
@@ -191,13 +192,19 @@ def resolve_model_config(cfg: TrainConfig, given: set[str]) -> checkpointing.Che
     return info
 
 
+def virtual_pipeline_size(cfg: TrainConfig) -> int | None:
+    """Model chunks per pipeline rank (the interleaved schedule), or None for plain 1F1B."""
+    p = cfg.parallel
+    if p.num_layers_per_virtual_pipeline_stage is None:
+        return None
+    per_stage = cfg.model.num_layers // p.pipeline_model_parallel_size
+    return per_stage // p.num_layers_per_virtual_pipeline_stage
+
+
 def build_model(cfg: TrainConfig, transformer_impl: str) -> list[torch.nn.Module]:
     """This rank's model chunks in Megatron DDP."""
     p = cfg.parallel
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = cfg.model.num_layers // p.pipeline_model_parallel_size
-        vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
+    vpp = virtual_pipeline_size(cfg)
     tcfg = transformer_config(
         cfg.model,
         cfg.precision,
@@ -279,7 +286,7 @@ def build_optimizer(cfg: TrainConfig, model: list[torch.nn.Module]):
     optimizer = get_megatron_optimizer(opt_config, model)
     # The schedules multiply each micro-batch's loss by this before backward: fp16's dynamic
     # loss scale (1.0 for bf16/fp32), which the optimizer divides out again.
-    _unwrap(model[0]).config.grad_scale_func = optimizer.scale_loss
+    unwrap_model(model[0]).config.grad_scale_func = optimizer.scale_loss
     warmup = o.lr_warmup_iters
     if o.lr_warmup_fraction is not None:
         warmup = int(o.lr_warmup_fraction * o.train_iters)
@@ -311,14 +318,8 @@ def _loss_func(loss_mask, chunk, sums: MetricSums, output_tensor):
     loss_mask = loss_mask.float()
     loss_sum = (output_tensor.float() * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
-    sums.add(output_tensor, _unwrap(chunk).last_loss_stats, loss_mask)
+    sums.add(output_tensor, unwrap_model(chunk).last_loss_stats, loss_mask)
     return loss_sum, num_tokens, {"loss_sum": loss_sum.detach()}
-
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _forward_step(device, sums, data_iterator, model):
@@ -335,7 +336,7 @@ def run_microbatches(
     """Forward (and backward) of `batches` through the pipeline; the step's global metrics
     (only the loss and token count unless `collect_stats`)."""
     for chunk in model:
-        _unwrap(chunk).collect_stats = collect_stats
+        unwrap_model(chunk).collect_stats = collect_stats
     sums = MetricSums()
     n = len(batches)
     iterators = [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
@@ -394,13 +395,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> list[dict]:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=(
-            cfg.model.num_layers
-            // p.pipeline_model_parallel_size
-            // p.num_layers_per_virtual_pipeline_stage
-            if p.num_layers_per_virtual_pipeline_stage
-            else None
-        ),
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(cfg),
         context_parallel_size=p.context_parallel_size,
     )
     try:
@@ -454,9 +449,10 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
     m = cfg.model
     metrics = MetricsLogger(o.train_iters, lg.tensorboard_dir, lg.log_metrics_jsonl)
     records = []
+    # Validation: --eval-iters global batches of their own samples (another seed).
+    valid = MockDataset(m.vocab_size, m.seq_length, o.seed + 1, size=lg.eval_iters * gbs)
     try:
         if lg.eval_only:
-            valid = MockDataset(m.vocab_size, m.seq_length, o.seed + 1, size=lg.eval_iters * gbs)
             sums = evaluate(model, valid, gbs, o.micro_batch_size, dp_rank, dp, device)
             records.append(metrics.log_eval(iteration, sums, full_pass=True))
             return records
@@ -501,9 +497,6 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
                     )
                 )
             if lg.eval_interval and iteration % lg.eval_interval == 0:
-                valid = MockDataset(
-                    m.vocab_size, m.seq_length, o.seed + 1, size=lg.eval_iters * gbs
-                )
                 sums = evaluate(model, valid, gbs, o.micro_batch_size, dp_rank, dp, device)
                 records.append(metrics.log_eval(iteration, sums, full_pass=False))
             saved = bool(ck.save and ck.save_interval and iteration % ck.save_interval == 0)
