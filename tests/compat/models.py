@@ -41,6 +41,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import unwrap_model
 
 from dft_megatron.compat import device, install_cpu_bridge
 
@@ -137,11 +138,6 @@ def build_model(sizes: Tiny = TINY, *, ddp: bool = True) -> list[torch.nn.Module
             model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         chunks.append(model)
     return chunks
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside Megatron's DDP wrapper (whose own state dict keys say "module.")."""
-    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
 def build_optimizer(model: list[torch.nn.Module], lr: float = 1e-2):
@@ -248,9 +244,8 @@ DP_RESHARDABLE = "dp_reshardable"
 def _model_state(model) -> dict:
     # One entry per chunk; dist_checkpointing matches tensors by their global keys (layer
     # numbers include the pipeline offset), so any layout loads any other.
-    return {
-        f"model{i}": unwrap(chunk).sharded_state_dict(prefix="") for i, chunk in enumerate(model)
-    }
+    chunks = unwrap_model(model)
+    return {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(chunks)}
 
 
 def save_checkpoint(
@@ -301,6 +296,6 @@ def load_checkpoint(model, optimizer, path, *, optimizer_format: str = RESHARDAB
     )
     loaded = dist_checkpointing.load(state, str(path), strategy)
     for i, chunk in enumerate(model):
-        unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+        unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
