@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from dft_megatron.data.sources import DataError
 from dft_megatron.training.arguments import parse_args
 from dft_megatron.training.trainer import ConfigError, train
 from dft_megatron.utils.logging import setup_logging
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)
     try:
         train(cfg, given)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         # The same message on every rank: print it once.
         import torch.distributed as dist
 

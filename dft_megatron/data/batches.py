@@ -6,7 +6,10 @@ takes the r-th contiguous slice of G / DP samples and cuts it into micro-batches
 set of samples in a step and the token-mean loss over it are the same at every layout.
 Resuming from `consumed_samples` continues with the next global batch. Past the end of
 the dataset the sampler wraps to the start (training epochs) or, with `wrap=False` (one
-evaluation pass), fills the last global batch with samples that carry no loss.
+evaluation pass), fills the last global batch with samples that carry no loss. With a
+`shuffle_seed`, epoch e reads the dataset in the order of a permutation seeded by
+(seed, e): global sample g is dataset[perm_e[g mod n]], e = g // n. It depends on g only,
+so every DP size and every resume point sees the same sequence of samples.
 """
 
 from __future__ import annotations
@@ -30,19 +33,48 @@ class Batch:
     """1.0 where the label is a target, 0.0 where it carries no loss."""
 
     position_ids: torch.Tensor
-    """Positions of the input tokens."""
+    """Positions of the input tokens (restarting at 0 for each packed sample)."""
+
+    loss_weight: torch.Tensor | None = None
+    """Per-token loss scale (a row's sample weight); None: 1 everywhere."""
+
+    segment_ids: torch.Tensor | None = None
+    """Packed samples: which sample each position belongs to (-1: padding); None when no
+    row holds more than one sample (plain causal attention)."""
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+        return Batch(
+            *(None if t is None else t.to(device, non_blocking=True) for t in vars(self).values())
+        )
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
-    """Samples {"tokens": [s + 1], "loss_mask": [s]} -> one Batch."""
-    tokens = torch.stack([s["tokens"] for s in samples])
+    """Samples -> one Batch. A sample is either {"tokens": [s + 1], "loss_mask": [s]} (labels
+    are the tokens shifted by one) or a packed sequence from SFTDataset with explicit
+    "labels", "position_ids", "loss_weight" and "segment_ids", [s] each."""
     loss_mask = torch.stack([s["loss_mask"] for s in samples]).float()
-    b, s1 = tokens.shape
-    position_ids = torch.arange(s1 - 1).unsqueeze(0).expand(b, s1 - 1)
-    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), loss_mask, position_ids)
+    if "labels" not in samples[0]:
+        tokens = torch.stack([s["tokens"] for s in samples])
+        b, s1 = tokens.shape
+        position_ids = torch.arange(s1 - 1).unsqueeze(0).expand(b, s1 - 1)
+        return Batch(
+            tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), loss_mask, position_ids
+        )
+
+    def stack(key):
+        return torch.stack([s[key] for s in samples])
+
+    segment_ids = stack("segment_ids")
+    weight = stack("loss_weight")
+    return Batch(
+        stack("tokens"),
+        stack("labels"),
+        loss_mask,
+        stack("position_ids"),
+        loss_weight=None if bool((weight[loss_mask > 0] == 1).all()) else weight,
+        # One sample per row (or none): causal attention already keeps the padding apart.
+        segment_ids=segment_ids if int(segment_ids.max()) > 0 else None,
+    )
 
 
 class GlobalBatchSampler:
@@ -57,6 +89,7 @@ class GlobalBatchSampler:
         dp_size: int,
         consumed_samples: int = 0,
         wrap: bool = True,
+        shuffle_seed: int | None = None,
     ):
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError(
@@ -70,6 +103,8 @@ class GlobalBatchSampler:
         self.dp_size = dp_size
         self.consumed_samples = consumed_samples
         self.wrap = wrap
+        self.shuffle_seed = shuffle_seed
+        self._epoch_order: tuple[int, torch.Tensor] | None = None
 
     @property
     def num_microbatches(self) -> int:
@@ -87,8 +122,18 @@ class GlobalBatchSampler:
     def _sample(self, index: int) -> dict[str, torch.Tensor]:
         n = len(self.dataset)
         if index < n or self.wrap:
-            return self.dataset[index % n]
+            return self.dataset[self._position(index, n)]
         # Past the end of a single pass: a filler that carries no loss.
         filler = dict(self.dataset[0])
         filler["loss_mask"] = torch.zeros_like(filler["loss_mask"])
         return filler
+
+    def _position(self, index: int, n: int) -> int:
+        """Dataset position of global sample `index` (see the module docstring)."""
+        if self.shuffle_seed is None:
+            return index % n
+        epoch = index // n
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + epoch)
+            self._epoch_order = (epoch, torch.randperm(n, generator=gen))
+        return int(self._epoch_order[1][index % n])

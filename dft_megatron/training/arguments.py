@@ -24,13 +24,14 @@ import typing
 
 import yaml
 
+from dft_megatron.data.config import DATA_FORMATS, TRUNCATION
 from dft_megatron.loss.weights import LOSS_TYPES
 from dft_megatron.models.config import FAMILIES
 from dft_megatron.models.gpt import TRANSFORMER_IMPLS
 from dft_megatron.training.config import TrainConfig
 
 # Flags whose Megatron-LM spelling inverts the field (store_false).
-INVERTED = {"add_bias_linear": "disable-bias-linear"}
+INVERTED = {"add_bias_linear": "disable-bias-linear", "packing": "no-packing"}
 
 CHOICES = {
     "family": FAMILIES,
@@ -42,6 +43,8 @@ CHOICES = {
     "fp8_amax_compute_algo": ("most_recent", "max"),
     "transformer_impl": TRANSFORMER_IMPLS,
     "loss_type": LOSS_TYPES,
+    "data_format": DATA_FORMATS,
+    "truncation": TRUNCATION,
 }
 
 GROUP_TITLES = {
@@ -75,9 +78,12 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _scalar_type(cls: type, f: dataclasses.Field) -> type:
+    """The field's type without None; list[str] fields (several values) give `list`."""
     hint = typing.get_type_hints(cls)[f.name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return list
     return hint
 
 
@@ -132,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                     action="store_true",
                     help=help_text,
                 )
+            elif kind is list:
+                group.add_argument(
+                    "--" + f.name.replace("_", "-"),
+                    dest=f.name,
+                    nargs="+",
+                    metavar="VALUE",
+                    help=f"{help_text} (default: {default})",
+                )
             else:
                 group.add_argument(
                     "--" + f.name.replace("_", "-"),
@@ -168,6 +182,8 @@ def _read_yaml(path: str, table: dict) -> dict[str, object]:
         section, name, kind = table[flag]
         if flag in INVERTED.values():
             value = not value
+        elif kind is list and value is not None:
+            value = [str(v) for v in value] if isinstance(value, list) else str(value).split()
         elif value is not None and kind is not bool:
             value = kind(value)
         values[name] = value

@@ -100,6 +100,26 @@ def resolve(load: str) -> Path:
     )
 
 
+TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_dir(load: str | Path) -> Path | None:
+    """The tokenizer stored with a checkpoint: SAVE/tokenizer, for --load SAVE or
+    --load SAVE/iter_NNNNNNN; None if it has none."""
+    path = Path(load)
+    for root in (path, path.parent):
+        if (root / TOKENIZER_DIR / "tokenizer_config.json").is_file():
+            return root / TOKENIZER_DIR
+    return None
+
+
+def save_tokenizer(save: str | Path, tokenizer) -> None:
+    """Store `tokenizer` as SAVE/tokenizer (once; a tokenizer already there is kept)."""
+    target = Path(save) / TOKENIZER_DIR
+    if not (target / "tokenizer_config.json").is_file():
+        tokenizer.save_pretrained(str(target))
+
+
 def read_info(path: Path) -> CheckpointInfo:
     meta = json.loads((path / METADATA).read_text())
     if meta.get("format_version") != FORMAT_VERSION:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from dft_megatron.data.config import DataConfig
 from dft_megatron.loss import TokenWeighting
 from dft_megatron.models.config import ModelConfig
 from dft_megatron.models.gpt import PrecisionConfig
@@ -145,14 +146,6 @@ class LoggingConfig:
 
     eval_only: bool = False
     """No training: one full pass over the validation data, logged as one JSON line."""
-
-
-@dataclass
-class DataConfig:
-    """Training data."""
-
-    mock_data: bool = False
-    """Synthetic tokens, deterministic per global sample index."""
 
 
 @dataclass

@@ -38,7 +38,10 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
 from dft_megatron.compat import install_cpu_bridge
-from dft_megatron.data import GlobalBatchSampler, MockDataset
+from dft_megatron.data import Batch, GlobalBatchSampler, MockDataset
+from dft_megatron.data.packing import block_causal_mask, packed_seq_params
+from dft_megatron.data.sft import build_sft_datasets, load_tokenizer
+from dft_megatron.data.sources import DataError
 from dft_megatron.models import build_gpt_model, resolve_transformer_impl, transformer_config
 from dft_megatron.models.config import ModelConfig
 from dft_megatron.training import checkpointing
@@ -165,11 +168,112 @@ def validate(cfg: TrainConfig, world_size: int, on_gpu: bool) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     need(o.train_iters >= 0, f"--train-iters must be >= 0, got {o.train_iters}")
+    d = cfg.data
+    try:
+        d.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     need(
-        cfg.data.mock_data,
-        "no training data: give --mock-data (synthetic tokens)",
+        d.mock_data or d.sft_data or d.data_path,
+        "no training data: give --sft-data FILE (SFT rows), --data-path PREFIX (Megatron "
+        "indexed pre-training data) or --mock-data (synthetic tokens)",
+    )
+    need(
+        not (d.sft_data and cfg.logging.eval_interval)
+        or d.valid_data
+        or d.valid_fraction
+        or cfg.logging.eval_only,
+        "--eval-interval needs validation data: give --valid-data FILE or --valid-fraction F",
     )
     return dp
+
+
+def resolve_tokenizer(cfg: TrainConfig, info, given: set[str]):
+    """The data's tokenizer: --tokenizer-model, else the one stored with the --load
+    checkpoint, else None. Sets the model's --vocab-size from it when nothing else did."""
+    d = cfg.data
+    if not (d.sft_data or d.data_path):
+        return None
+    path = d.tokenizer_model
+    if path is None and cfg.checkpoint.load is not None:
+        path = checkpointing.tokenizer_dir(cfg.checkpoint.load)
+    if path is None:
+        return None  # pre-tokenized rows need none; other formats say what to give
+    tokenizer = load_tokenizer(path, d.chat_template)
+    n = len(tokenizer)
+    if info is None and "vocab_size" not in given:
+        cfg.model.vocab_size = n
+    elif n > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {path} has {n} tokens but the model's vocabulary has "
+            f"{cfg.model.vocab_size} (--vocab-size or the checkpoint's); use the model's own "
+            "tokenizer"
+        )
+    return tokenizer
+
+
+def _rank0_first(build):
+    """Run `build` on global rank 0 (which fills the data cache), then on the other ranks
+    (which read it); an error on rank 0 stops every rank."""
+    rank = dist.get_rank()
+    result, failure = None, [None]
+    if rank == 0:
+        try:
+            result = build()
+        except Exception as e:
+            failure = [f"{type(e).__name__}: {e}"]
+            if dist.get_world_size() == 1:
+                raise
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    if dist.get_world_size() > 1:
+        if rank != 0:
+            dist.broadcast_object_list(failure, src=0)
+            if failure[0] is not None:
+                raise DataError(f"data preparation failed on rank 0: {failure[0]}")
+            return build()
+        dist.broadcast_object_list(failure, src=0)
+    return result
+
+
+class _Prefix:
+    """The first `n` samples of a dataset (periodic validation reads --eval-iters batches)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+
+def build_data(cfg: TrainConfig, tokenizer, gbs: int):
+    """(training dataset, validation dataset or None, per-epoch shuffle seed or None)."""
+    d, m, o, lg = cfg.data, cfg.model, cfg.optim, cfg.logging
+    if d.mock_data:
+        # Validation: --eval-iters global batches of their own samples (another seed).
+        valid = MockDataset(m.vocab_size, m.seq_length, o.seed + 1, size=lg.eval_iters * gbs)
+        return MockDataset(m.vocab_size, m.seq_length, o.seed), valid, None
+    if d.sft_data:
+        train, valid, stats = _rank0_first(
+            lambda: build_sft_datasets(
+                d, tokenizer, m.seq_length, o.seed, m.vocab_size, eval_only=lg.eval_only
+            )
+        )
+        if dist.get_rank() == 0:
+            for line in stats.lines():
+                logger.info("SFT data: %s", line)
+            if train is not None:
+                logger.info(
+                    "SFT data: one epoch is %d sequences = %.2f iterations at global batch %d",
+                    len(train),
+                    len(train) / gbs,
+                    gbs,
+                )
+        return train, valid, o.seed
+    raise ConfigError("--data-path needs the pre-training data builder")
 
 
 def resolve_model_config(cfg: TrainConfig, given: set[str]) -> checkpointing.CheckpointInfo | None:
@@ -313,21 +417,35 @@ def build_optimizer(cfg: TrainConfig, model: list[torch.nn.Module]):
 # ------------------------------------------------------------------ one step
 
 
-def _loss_func(loss_mask, chunk, sums: MetricSums, output_tensor):
-    """Micro-batch loss sum and token count (Megatron's per-token path), metrics on the side."""
-    loss_mask = loss_mask.float()
-    loss_sum = (output_tensor.float() * loss_mask).sum()
+def _loss_func(batch: Batch, chunk, sums: MetricSums, output_tensor):
+    """Micro-batch loss sum and token count (Megatron's per-token path), metrics on the side.
+    A sample weight scales its tokens' losses; the count is of target tokens."""
+    loss_mask = batch.loss_mask.float()
+    loss = output_tensor.float()
+    if batch.loss_weight is not None:
+        loss = loss * batch.loss_weight
+    loss_sum = (loss * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
-    sums.add(output_tensor, unwrap_model(chunk).last_loss_stats, loss_mask)
+    sums.add(loss, unwrap_model(chunk).last_loss_stats, loss_mask)
     return loss_sum, num_tokens, {"loss_sum": loss_sum.detach()}
 
 
 def _forward_step(device, sums, data_iterator, model):
     batch = next(data_iterator).to(device)
+    attention_mask, packed = None, None
+    if batch.segment_ids is not None:  # packed samples: attention stays inside each
+        if unwrap_model(model).config.transformer_impl == "transformer_engine":
+            packed = packed_seq_params(batch.segment_ids)
+        else:
+            attention_mask = block_causal_mask(batch.segment_ids)
     output = model(
-        batch.tokens, batch.position_ids, None, labels=batch.labels
+        batch.tokens,
+        batch.position_ids,
+        attention_mask,
+        labels=batch.labels,
+        packed_seq_params=packed,
     )  # [b, s] per-token loss on the last stage
-    return output, partial(_loss_func, batch.loss_mask, model, sums)
+    return output, partial(_loss_func, batch, model, sums)
 
 
 def run_microbatches(
@@ -387,10 +505,18 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     info = resolve_model_config(cfg, given)
+    tokenizer = resolve_tokenizer(cfg, info, given)
     dp = validate(cfg, dist.get_world_size(), on_gpu)
     transformer_impl = resolve_transformer_impl(cfg.precision)
     p, o = cfg.parallel, cfg.optim
     gbs = o.global_batch_size or o.micro_batch_size * dp
+    thd = cfg.data.sft_data and cfg.data.packing and transformer_impl == "transformer_engine"
+    if thd and o.micro_batch_size != 1:
+        raise ConfigError(
+            "packed SFT sequences on Transformer Engine (THD) take --micro-batch-size 1 "
+            f"(got {o.micro_batch_size}); keep --global-batch-size, or pass --no-packing"
+        )
+    data = build_data(cfg, tokenizer, gbs)
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -399,12 +525,12 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> list[dict]:
         context_parallel_size=p.context_parallel_size,
     )
     try:
-        return _run(cfg, info, device, dp, gbs, transformer_impl)
+        return _run(cfg, info, device, dp, gbs, transformer_impl, data, tokenizer)
     finally:
         parallel_state.destroy_model_parallel()
 
 
-def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
+def _run(cfg, info, device, dp, gbs, transformer_impl, data, tokenizer) -> list[dict]:
     o, ck, lg = cfg.optim, cfg.checkpoint, cfg.logging
     # Megatron-LM's seeding: distinct per pipeline stage; the tracker seeds TP streams.
     torch.manual_seed(o.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
@@ -449,21 +575,25 @@ def _run(cfg, info, device, dp, gbs, transformer_impl) -> list[dict]:
     m = cfg.model
     metrics = MetricsLogger(o.train_iters, lg.tensorboard_dir, lg.log_metrics_jsonl)
     records = []
-    # Validation: --eval-iters global batches of their own samples (another seed).
-    valid = MockDataset(m.vocab_size, m.seq_length, o.seed + 1, size=lg.eval_iters * gbs)
+    train_set, valid, shuffle_seed = data
+    if ck.save and tokenizer is not None and dist.get_rank() == 0:
+        checkpointing.save_tokenizer(ck.save, tokenizer)
     try:
         if lg.eval_only:
             sums = evaluate(model, valid, gbs, o.micro_batch_size, dp_rank, dp, device)
             records.append(metrics.log_eval(iteration, sums, full_pass=True))
             return records
 
+        if valid is not None:
+            valid = _Prefix(valid, lg.eval_iters * gbs)
         train_data = GlobalBatchSampler(
-            MockDataset(m.vocab_size, m.seq_length, o.seed),
+            train_set,
             gbs,
             o.micro_batch_size,
             dp_rank,
             dp,
             consumed_samples=consumed,
+            shuffle_seed=shuffle_seed,
         )
         start_iteration = iteration
         saved = False  # whether the latest iteration is already on disk

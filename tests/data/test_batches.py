@@ -55,3 +55,41 @@ def test_one_pass_pads_the_last_batch_with_no_loss():
 def test_batch_must_split_evenly():
     with pytest.raises(ValueError, match=r"--global-batch-size \(6\) must be a multiple of"):
         GlobalBatchSampler(DATA, 6, 2, 0, 2)
+
+
+class _Indexed:
+    """Sample i carries its own index, so the order the sampler reads is visible."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return {"tokens": torch.full((5,), i), "loss_mask": torch.ones(4)}
+
+
+def _order(dp: int, steps: int, consumed: int = 0, n: int = 12, seed: int = 4) -> list[int]:
+    """Global sample order over `steps` steps of global batch 4, all DP ranks together."""
+    samplers = [
+        GlobalBatchSampler(_Indexed(n), 4, 1, r, dp, consumed_samples=consumed, shuffle_seed=seed)
+        for r in range(dp)
+    ]
+    order = []
+    for _ in range(steps):
+        for s in samplers:
+            order += [int(b.tokens[0, 0]) for b in s.next_global_batch()]
+    return order
+
+
+def test_shuffled_epochs_same_at_every_dp_size_and_resumable():
+    one = _order(dp=1, steps=9)  # three epochs of 12
+    assert _order(dp=2, steps=9) == one == _order(dp=4, steps=9)
+    epochs = [one[:12], one[12:24], one[24:]]
+    assert all(sorted(e) == list(range(12)) for e in epochs)  # every sample once per epoch
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled per epoch
+    assert epochs[0] != list(range(12))
+    # Resume mid-epoch (after 5 steps = 20 samples) continues without repeat or skip.
+    assert _order(dp=2, steps=4, consumed=20) == one[20:]
+    assert _order(dp=1, steps=9, seed=5) != one

@@ -100,7 +100,26 @@ def test_good_layout_gives_data_parallel_size():
 
 def test_no_data_is_an_error():
     cfg, _ = parse_args(BASE[1:])
-    with pytest.raises(ConfigError, match="no training data: give --mock-data"):
+    with pytest.raises(ConfigError, match="no training data: give --sft-data FILE"):
+        validate(cfg, 1, False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mock-data", "--sft-data", "a.jsonl"], "--mock-data and --sft-data exclude each other"),
+        (["--sft-data", "a.jsonl", "--valid-fraction", "1.5"], r"--valid-fraction must be in"),
+        (
+            ["--sft-data", "a.jsonl", "--valid-fraction", "0.1", "--valid-data", "b.jsonl"],
+            "--valid-fraction and --valid-data exclude each other",
+        ),
+        (["--sft-data", "a.jsonl", "--eval-interval", "5"], "--eval-interval needs validation"),
+        (["--sft-data", "a.jsonl", "--num-workers", "0"], "--num-workers must be >= 1"),
+    ],
+)
+def test_data_flags(flags, message):
+    cfg, _ = parse_args([*BASE[1:], *flags])
+    with pytest.raises(ConfigError, match=message):
         validate(cfg, 1, False)
 
 
