@@ -117,45 +117,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML file of flags (keys as flag names); command-line flags override it",
     )
     for section, cls in _sections():
-        group = parser.add_argument_group(GROUP_TITLES[section])
-        docs = field_docs(cls)
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            help_text = docs.get(f.name, "")
-            kind = _scalar_type(cls, f)
-            default = getattr(defaults, f.name)
-            if f.name in INVERTED:
-                group.add_argument(
-                    "--" + INVERTED[f.name],
-                    dest=f.name,
-                    action="store_false",
-                    help=f"turn off: {help_text}",
-                )
-            elif kind is bool:
-                group.add_argument(
-                    "--" + f.name.replace("_", "-"),
-                    dest=f.name,
-                    action="store_true",
-                    help=help_text,
-                )
-            elif kind is list:
-                group.add_argument(
-                    "--" + f.name.replace("_", "-"),
-                    dest=f.name,
-                    nargs="+",
-                    metavar="VALUE",
-                    help=f"{help_text} (default: {default})",
-                )
-            else:
-                group.add_argument(
-                    "--" + f.name.replace("_", "-"),
-                    dest=f.name,
-                    type=kind,
-                    choices=CHOICES.get(f.name),
-                    metavar=None if f.name in CHOICES else kind.__name__.upper(),
-                    help=f"{help_text} (default: {default})",
-                )
+        add_fields(parser.add_argument_group(GROUP_TITLES[section]), cls)
     return parser
+
+
+def add_fields(group, cls: type, only: set[str] | None = None) -> None:
+    """One flag per field of the dataclass `cls` (or of the fields named in `only`)."""
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        help_text = docs.get(f.name, "")
+        kind = _scalar_type(cls, f)
+        default = getattr(defaults, f.name)
+        if f.name in INVERTED:
+            group.add_argument(
+                "--" + INVERTED[f.name],
+                dest=f.name,
+                action="store_false",
+                help=f"turn off: {help_text}",
+            )
+        elif kind is bool:
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="store_true",
+                help=help_text,
+            )
+        elif kind is list:
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                nargs="+",
+                metavar="VALUE",
+                help=f"{help_text} (default: {default})",
+            )
+        else:
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=kind,
+                choices=CHOICES.get(f.name),
+                metavar=None if f.name in CHOICES else kind.__name__.upper(),
+                help=f"{help_text} (default: {default})",
+            )
 
 
 def _read_yaml(path: str, table: dict) -> dict[str, object]:
