@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from dft_megatron.data.sources import DataError
 
 # Row outcomes, counted and reported by the dataset builder.
@@ -224,11 +226,12 @@ class RowEncoder:
         else:
             text = self._render(messages)
             spans = []
+            last = len(messages) - 1
             for k, m in enumerate(messages):
                 if m["role"] != "assistant":
                     continue
                 before = self._render(messages[:k], add_generation_prompt=True)
-                upto = self._render(messages[: k + 1])
+                upto = text if k == last else self._render(messages[: k + 1])
                 if not (upto.startswith(before) and text.startswith(upto)):
                     raise DataError(
                         f"{where}: the chat template renders earlier turns differently once "
@@ -236,11 +239,14 @@ class RowEncoder:
                         "template with {% generation %} markers (--chat-template FILE)"
                     )
                 spans.append((len(before), len(upto.rstrip())))
-            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = list(enc["input_ids"])
-            mask = [
-                int(any(s < e1 and e > s0 for s0, e1 in spans)) for s, e in enc["offset_mapping"]
-            ]
+            # The Rust tokenizer directly: the same ids as tokenizer(text), with offsets.
+            enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+            ids = enc.ids
+            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            hit = np.zeros(len(ids), dtype=bool)
+            for s0, e1 in spans:  # a token overlapping an assistant span is a target
+                hit |= (offsets[:, 0] < e1) & (offsets[:, 1] > s0)
+            mask = hit.astype(np.int8).tolist()
         if mask:
             mask[0] = 0
         return ids, mask, OK if any(mask) else NO_TARGET

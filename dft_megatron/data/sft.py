@@ -148,7 +148,14 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def _encode_batch(batch, encoder, seq_length, truncation):
-    out = {"input_ids": [], "target_mask": [], "weight": [], "status": [], SOURCE: []}
+    out = {
+        "input_ids": [],
+        "target_mask": [],
+        "weight": [],
+        "targets": [],
+        "status": [],
+        SOURCE: [],
+    }
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     for stored in rows:
         where = stored[SOURCE]
@@ -160,6 +167,7 @@ def _encode_batch(batch, encoder, seq_length, truncation):
         out["input_ids"].append(ids if keep else [])
         out["target_mask"].append(mask if keep else [])
         out["weight"].append(encoder.weight(row, where) if keep else 0.0)
+        out["targets"].append(sum(mask) if keep else 0)
         out["status"].append(status)
         out[SOURCE].append(where)
     return out
@@ -228,6 +236,7 @@ def prepare_sft_rows(
                     "input_ids": datasets.Sequence(datasets.Value("int32")),
                     "target_mask": datasets.Sequence(datasets.Value("int8")),
                     "weight": datasets.Value("float32"),
+                    "targets": datasets.Value("int32"),
                     "status": datasets.Value("int8"),
                     SOURCE: datasets.Value("string"),
                 }
@@ -247,7 +256,7 @@ def prepare_sft_rows(
         samples = encoded.select(kept_idx).remove_columns(["status"])
         samples.save_to_disk(str(work / "samples"))
         lengths = _lengths(samples)
-        targets = int(sum(int(np.sum(m)) for m in samples.with_format("numpy")["target_mask"]))
+        targets = _column_sum(samples, "targets")
         stats = SFTDataStats(
             rows=len(rows) + bad.count,
             bad_rows=bad.count,
@@ -275,6 +284,12 @@ def prepare_sft_rows(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return datasets.load_from_disk(str(done / "samples")), stats
+
+
+def _column_sum(samples, name: str) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(samples.select_columns([name]).with_format("arrow")[:][name]).as_py() or 0)
 
 
 def _lengths(samples) -> np.ndarray:
