@@ -214,6 +214,10 @@ def judge_answer(gold: str, prediction: str | None, timeout_seconds: int = 5) ->
     return Judgement(verdict, JUDGE_MATH_VERIFY)
 
 
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401
+
+
 def _judge_in_worker(gold: str, prediction: str, timeout_seconds: int) -> Judgement:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     return judge_answer(gold, prediction, timeout_seconds)
@@ -245,6 +249,7 @@ class EquivalenceJudge:
         self.hard_timeout_s = hard_timeout_s
         self.judge_fn = judge_fn or _judge_in_worker
         self.num_killed = 0
+        self.startup_timeout_s = 600.0
         self._ctx = mp.get_context("spawn")  # no CUDA or model state leaks into the workers
         self._pool = None
 
@@ -262,7 +267,10 @@ class EquivalenceJudge:
 
     def _ensure_pool(self):
         if self._pool is None:
-            self._pool = self._ctx.Pool(self.workers)
+            # Wait until a worker has imported math_verify (seconds; more on a busy machine),
+            # so that the per-pair limit measures judging, not start-up.
+            self._pool = self._ctx.Pool(self.workers, initializer=_import_math_verify)
+            self._pool.apply_async(_import_math_verify).get(timeout=self.startup_timeout_s)
         return self._pool
 
     def judge_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[Judgement]:

@@ -226,7 +226,7 @@ class VLLMBackend(GenerationBackend):
         from transformers import AutoTokenizer, GenerationConfig
 
         if not torch.cuda.is_available():
-            raise RuntimeError("--backend vllm needs a CUDA GPU; use --backend transformers")
+            raise ValueError("--backend vllm needs a CUDA GPU; use --backend transformers")
         self.vllm = vllm
         self.model_id = str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -168,10 +168,11 @@ def test_judge_pool_kills_a_hung_worker_and_falls_back():
         ("7", "7"),
     ]
     start = time.monotonic()
-    with EquivalenceJudge(2, timeout_seconds=1, hard_timeout_s=3.0, judge_fn=slow_judge) as judge:
+    # 8 s: generous for a loaded machine (the other pairs take well under a second each).
+    with EquivalenceJudge(2, timeout_seconds=2, hard_timeout_s=8.0, judge_fn=slow_judge) as judge:
         verdicts = judge.judge_many(pairs)
         assert judge.num_killed == 1
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 120
     assert [v.judge for v in verdicts] == [
         JUDGE_MATH_VERIFY,
         JUDGE_FALLBACK,  # killed: the fallback's string comparison says equal
