@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/python ]] || bash scripts/setup.sh
-.venv/bin/ruff check dft_megatron tests benchmarks
-.venv/bin/ruff format --check dft_megatron tests benchmarks
+.venv/bin/ruff check dft_megatron tests benchmarks tools examples scripts
+.venv/bin/ruff format --check dft_megatron tests benchmarks tools examples scripts
 .venv/bin/python -m pytest "$@"

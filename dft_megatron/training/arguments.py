@@ -216,3 +216,29 @@ def config_from_values(values: dict[str, object]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         sections[section] = cls(**{k: v for k, v in values.items() if k in names})
     return TrainConfig(**sections)
+
+
+def flag_reference() -> str:
+    """The trainer's flags as Markdown tables, one per group, from the parser itself (the
+    README's flag reference; tools/make_flag_reference.py writes it, a test compares)."""
+    parser = build_parser()
+    out = []
+    for group in parser._action_groups:  # argparse keeps no public list of its groups
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        title = group.title if group.title not in ("options", "optional arguments") else "general"
+        out += [f"**{title}**", "", "| flag | value | description |", "|---|---|---|"]
+        for a in actions:
+            if a.nargs == 0:
+                value = "switch"
+            elif a.choices:
+                value = " \\| ".join(f"`{c}`" for c in a.choices)
+            elif a.nargs == "+":
+                value = "one or more"
+            else:
+                value = (a.metavar or a.dest).lower()
+            text = (a.help or "").replace("|", "\\|")
+            out.append(f"| `{a.option_strings[0]}` | {value} | {text} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
