@@ -143,9 +143,9 @@ def _train_worker(rank, world_size, argv, out):
     trainer.build_model = build_and_note  # the one the trainer's _run calls
     cfg, given = parse_args(argv)
     records = trainer.train(cfg, given)
-    from dft_megatron.compat import cpu_bridge_active
+    from dft_megatron.compat import cpu as bridge
 
-    if cpu_bridge_active() or torch.Tensor.cuda.__module__ == "dft_megatron.compat.cpu":
+    if bridge.cpu_bridge_active() or torch.Tensor.cuda is not bridge._ORIG_TENSOR_CUDA:
         raise AssertionError("the CPU bridge was installed in a CUDA run")
     if rank == 0:
         Path(out).write_text(json.dumps({"records": records, "modules": sorted(modules)}))
