@@ -1,7 +1,8 @@
 """Forward+backward time and peak memory of the DFT loss against Megatron-Core's CE.
 
 Measured in one run, on the same inputs (bf16 logits as a bf16 model produces them,
-[tokens, v/tp] per rank), at each TP size over gloo (CPU) or NCCL (GPU):
+[tokens, v/tp] per rank), at each TP size over NCCL, one GPU per rank, where CUDA is
+available (TP sizes above the GPU count are refused), else over gloo on the CPU:
 
   mcore_ce        Megatron-Core's vocab_parallel_cross_entropy        (the reference: 1.00)
   mcore_fused_ce  Megatron-Core's fused_vocab_parallel_cross_entropy (torch.compile-d)
@@ -36,6 +37,7 @@ from benchmarks.common import (
     command_line,
     measure_once,
     paired_ratio,
+    spawn_ranks,
     summarize,
     versions,
 )
@@ -147,13 +149,11 @@ def main(argv=None):
         if bad:
             parser.error(f"--vocab {bad} not divisible by --tp {tp}")
 
-    from tests.dist import spawn
-
     rows = []
     for tp in args.tp:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "results.json")
-            spawn(_worker, tp, args, out, timeout=3600)
+            backend = spawn_ranks(_worker, tp, args, out)
             with open(out) as f:
                 results = json.load(f)
         for vocab in args.vocab:
@@ -165,7 +165,9 @@ def main(argv=None):
                 ratio = paired_ratio(seconds, name, "mcore_ce")
                 rows.append((tp, vocab, name, t * 1e3, ratio, m / MiB, m / base_m))
 
-    print(f"\n{command_line()}\n{versions()}; {args.tokens} tokens, {args.dtype} logits\n")
+    print(
+        f"\n{command_line()}\n{versions()}; {args.tokens} tokens, {args.dtype} logits, {backend}\n"
+    )
     print("| TP | vocab | method | fwd+bwd ms | time / mcore_ce | peak MiB | memory / mcore_ce |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for tp, vocab, name, ms, tr, mib, mr in rows:

@@ -1,7 +1,8 @@
 """Training-step time of dft_megatron's trainer against a bare Megatron-Core loop.
 
 Measured in one run, on the same model (a GPT with the local layer spec, dropout off) and
-the same global batches, at each TP size over gloo (spawned ranks, one intra-op thread each):
+the same global batches, at each TP size over gloo (spawned ranks, one intra-op thread each)
+or, with CUDA, over NCCL:
 
   trainer_dft   the trainer's step (`dft_megatron.training.trainer.train_step`: DDP,
                 optimizer, LR scheduler) with --loss-type dft, as on a step it does not log:
@@ -25,8 +26,8 @@ to the end of the step. The table gives the median step time, the ratios as the 
 repetitions of the ratio within one repetition (robust to load that comes and goes on a shared
 machine), and the peak memory held above the step's start (benchmarks/common.py).
 
-Made for CPU: the ranks are started by tests.dist.spawn, which hides GPUs, so on a GPU
-machine too this measures the CPU paths.
+Where CUDA is available the ranks run over NCCL, one GPU each (TP sizes above the GPU count
+are refused); hide the GPUs (CUDA_VISIBLE_DEVICES='') to measure the CPU paths there.
 
     python -m benchmarks.bench_train_step                 # TP 1 and 2, 25 steps each
     python -m benchmarks.bench_train_step --tp 1 --reps 5
@@ -49,6 +50,7 @@ from benchmarks.common import (
     command_line,
     measure_once,
     paired_ratio,
+    spawn_ranks,
     summarize,
     versions,
 )
@@ -262,13 +264,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
 
-    from tests.dist import spawn
-
-    rows, notes = [], []
+    rows, notes, backend = [], [], "gloo"
     for tp in args.tp:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "results.json")
-            spawn(_worker, tp, args, out, timeout=3600)
+            backend = spawn_ranks(_worker, tp, args, out)
             with open(out) as f:
                 got = json.load(f)
         seconds, first = got["seconds"], got["first_loss"]
@@ -290,7 +290,8 @@ def main(argv=None):
         )
 
     tokens = args.global_batch_size * args.seq_length
-    print(f"\n{command_line()}\n{versions()} (main process; each rank: 1 thread)")
+    ranks = "each rank: 1 thread" if backend == "gloo" else "NCCL, one GPU per rank"
+    print(f"\n{command_line()}\n{versions()} (main process; {ranks})")
     print(
         f"model: {args.num_layers} layers, hidden {args.hidden_size}, "
         f"{args.num_attention_heads} heads, seq {args.seq_length}, vocab {args.vocab_size}, "

@@ -115,11 +115,31 @@ def paired_ratio(seconds: dict[str, list[float]], a: str, b: str) -> float:
 def versions() -> str:
     import megatron.core
 
+    where = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        where += f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return (
         f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"megatron-core {megatron.core.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads"
+        f"megatron-core {megatron.core.__version__}, {where}"
     )
+
+
+def spawn_ranks(fn: Callable, world_size: int, *args, timeout: float = 3600.0) -> str:
+    """`fn(rank, world_size, *args)` on `world_size` spawned ranks; returns the backend used.
+
+    With CUDA: NCCL, one GPU per rank (tests.dist's "nccl" ranks, TF32 off). Without: gloo on
+    the CPU. Raises if fewer GPUs than ranks are visible rather than measuring the CPU.
+    """
+    from tests.dist import spawn
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise SystemExit(
+            f"TP {world_size} needs {world_size} GPUs, {torch.cuda.device_count()} visible; "
+            "drop that --tp size (or hide the GPUs, CUDA_VISIBLE_DEVICES='', to measure the CPU)"
+        )
+    spawn(fn, world_size, *args, timeout=timeout, backend=backend)
+    return backend
 
 
 def command_line() -> str:

@@ -39,7 +39,10 @@ What is bridged (the numbers of shared/DESIGN.md's list in brackets):
    one place where torch itself is patched, and only while those calls run.
 4. Distributed-optimizer checkpoints in the CPU configuration (fp32 params, torch.optim.AdamW
    since there is no TE or apex): resuming into a fresh optimizer, the Adam step after a
-   resume, and "dp_reshardable" loads of fp32 params (`_bridge_optimizer_checkpoints`).
+   resume, and "dp_reshardable" loads of fp32 params. These are not about the CPU: a GPU
+   without TE and apex needs them too, so they live in `dft_megatron.compat.distrib_optimizer`
+   (`install_distributed_optimizer_fixes`, which the trainer calls on every device); the
+   bridge applies them as part of itself.
 5. Sequence parallelism with the local spec's torch norms, which refuse it without apex
    (`_bridge_torch_norm_sequence_parallel`).
 
@@ -66,7 +69,6 @@ only; Megatron-Core is imported when the bridge is installed.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import importlib
@@ -411,80 +413,6 @@ def _bridge_rng() -> str:
     return "tensor_parallel.random: RNG tracker on the CPU generator"
 
 
-def _bridge_optimizer_checkpoints() -> str:
-    """Gaps in the distributed optimizer's checkpoint code on the CPU configuration.
-
-    On CPU the model is fp32 and there is neither Transformer Engine nor apex
-    (``distrib_optimizer.HAVE_APEX_OR_TE`` false), so Megatron-Core's distributed optimizer
-    wraps torch.optim.AdamW, whose per-param state holds a ``step`` tensor and is empty until
-    the first step, and its fp32 "main params" are views of the model's parameters. The
-    checkpoint code trips on all three (found by tests/compat: resume raised, or resumed at a
-    wrong Adam step).
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    optimizer_cls = distrib_optimizer.DistributedOptimizer
-    set_states = optimizer_cls._set_main_param_and_optimizer_states
-
-    # optimizer/distrib_optimizer.py `_set_main_param_and_optimizer_states` copies the loaded
-    # main param and moments in place. `load_parameter_state_from_dp_reshardable` calls it
-    # without torch.no_grad(), and an fp32 main param is a view of a leaf that requires grad:
-    # "a view of a leaf Variable ... in-place operation". With torch AdamW it also copies every
-    # tensor of the per-param state, `step` included, from `tensors`, though no checkpoint
-    # format carries the step there (load_state_dict restores it from the param groups):
-    # "fully_reshardable" has no `step` entry (KeyError('step')) and "dp_reshardable" holds a
-    # LocalNonpersistentObject, i.e. the load template's own value, which reset the restored
-    # step (to 0 for a fresh optimizer). Now: under no_grad, the step is never copied, and
-    # other missing keys are skipped like the non-tensor entries it already skips.
-    @functools.wraps(set_states)
-    def set_main_param_and_optimizer_states(self, model_param, tensors):
-        loaded = collections.defaultdict(lambda: None, tensors)
-        loaded.pop("step", None)
-        with torch.no_grad():
-            return set_states(self, model_param, loaded)
-
-    optimizer_cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
-    bridged = ["_set_main_param_and_optimizer_states"]
-
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
-        state_dict = optimizer_cls.state_dict
-        load_state_dict = optimizer_cls.load_state_dict
-
-        # `DistributedOptimizer.state_dict` reads the step from the inner optimizer's per-param
-        # state (`assert len(steps) == 1`); before the first step that state is empty and the
-        # assert fails, and `sharded_state_dict(is_loading=True)` calls state_dict() first: a
-        # fresh optimizer could not load a checkpoint. A never-stepped optimizer is reported
-        # at step 0, which is what it is.
-        @functools.wraps(state_dict)
-        def state_dict_before_first_step(self):
-            inner = self.optimizer
-            if len(inner.state) > 0:
-                return state_dict(self)
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    inner.state[p]["step"] = torch.zeros(())
-            try:
-                return state_dict(self)
-            finally:
-                inner.state.clear()
-
-        # `load_state_dict` puts ONE `step` tensor object into every param's state
-        # (`s["step"] = step`), and torch's AdamW increments each param's step in place: after
-        # the next step every param read step = 1 + number of params, and the bias correction
-        # after a resume was wrong. Each param gets its own copy.
-        @functools.wraps(load_state_dict)
-        def load_state_dict_own_steps(self, state_dict):
-            load_state_dict(self, state_dict)
-            for param_state in self.optimizer.state.values():
-                if isinstance(param_state.get("step"), torch.Tensor):
-                    param_state["step"] = param_state["step"].clone()
-
-        optimizer_cls.state_dict = state_dict_before_first_step
-        optimizer_cls.load_state_dict = load_state_dict_own_steps
-        bridged += ["state_dict", "load_state_dict"]
-    return f"DistributedOptimizer checkpoints: {', '.join(bridged)}"
-
-
 def _bridge_torch_norm_sequence_parallel() -> str:
     """Sequence parallelism with the local spec's torch norms (no apex on CPU).
 
@@ -514,6 +442,13 @@ def _bridge_torch_norm_sequence_parallel() -> str:
 
     WrappedTorchNorm.__new__ = new_with_sequence_parallel
     return "WrappedTorchNorm: sequence parallel (params marked for the TP grad all-reduce)"
+
+
+def _distributed_optimizer_fixes() -> str:
+    from dft_megatron.compat import distrib_optimizer
+
+    distrib_optimizer.install_distributed_optimizer_fixes(force=True)
+    return distrib_optimizer.summary()
 
 
 def _bridge_view_modules() -> str:
@@ -581,7 +516,7 @@ def install_cpu_bridge(force: bool = False) -> bool:
             _bridge_view_modules(),
             _bridge_rng(),
             _bridge_tensor_methods(),
-            _bridge_optimizer_checkpoints(),
+            _distributed_optimizer_fixes(),
             _bridge_torch_norm_sequence_parallel(),
         ]
         _active = True

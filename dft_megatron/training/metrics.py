@@ -45,10 +45,12 @@ class MetricSums:
             self.values[0] += loss.detach()[m].double().sum().cpu()
             self.values[4] += float(m.sum())
             return
+        # Computed where the per-token tensors live (the GPU in a CUDA run), moved once.
         p = stats.target_prob[m].double()
-        regimes = torch.bucketize(p, torch.tensor(REGIME_EDGES, dtype=torch.float64))
+        edges = torch.tensor(REGIME_EDGES, dtype=torch.float64, device=p.device)
+        regimes = torch.bucketize(p, edges)
         hist = (p * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
-        self.values += torch.cat(
+        row = torch.cat(
             [
                 torch.stack(
                     [
@@ -56,13 +58,14 @@ class MetricSums:
                         stats.cross_entropy[m].double().sum(),
                         p.sum(),
                         stats.entropy[m].double().sum(),
-                        torch.tensor(float(p.numel()), dtype=torch.float64),
+                        p.new_tensor(float(p.numel())),
                     ]
-                ).cpu(),
-                torch.bincount(regimes, minlength=len(REGIME_NAMES)).double().cpu(),
-                torch.bincount(hist, minlength=HIST_BINS).double().cpu(),
+                ),
+                torch.bincount(regimes, minlength=len(REGIME_NAMES)).double(),
+                torch.bincount(hist, minlength=HIST_BINS).double(),
             ]
         )
+        self.values += row.cpu()
 
     def all_reduce(self, device: torch.device) -> None:
         """Sum over every rank of the world (in place)."""

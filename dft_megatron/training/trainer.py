@@ -37,7 +37,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
-from dft_megatron.compat import install_cpu_bridge
+from dft_megatron.compat import install_cpu_bridge, install_distributed_optimizer_fixes
 from dft_megatron.data import Batch, GlobalBatchSampler, MockDataset
 from dft_megatron.data.packing import block_causal_mask, packed_seq_params
 from dft_megatron.data.sft import build_sft_datasets, load_tokenizer
@@ -501,6 +501,9 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> list[dict]:
     """Run the configured training (or --eval-only); returns the logged records."""
     given = given or set()
     install_cpu_bridge()
+    # Megatron-Core's distributed optimizer on torch AdamW (no TE/apex: CPU, or a GPU without
+    # them) cannot resume from its own checkpoints unpatched; a no-op with TE or apex.
+    install_distributed_optimizer_fixes()
     initialize_distributed()
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")

@@ -77,6 +77,16 @@ first = compat.install_cpu_bridge(force=(mode == "force"))
 after_first = snapshot()
 second = compat.install_cpu_bridge(force=(mode == "force"))
 after_second = snapshot()
+# What the trainer calls next on every device: the distributed optimizer's fixes for torch
+# AdamW (no TE or apex here), applied by the bridge already or now on their own.
+fixes = compat.install_distributed_optimizer_fixes()
+after_fixes = snapshot()
+from megatron.core.optimizer import distrib_optimizer
+out.update(
+    fixes=fixes,
+    have_apex_or_te=distrib_optimizer.HAVE_APEX_OR_TE,
+    changed_by_fixes=sorted(k for k in before if after_second[k] != after_fixes[k]),
+)
 out.update(
     first=first,
     second=second,
@@ -129,6 +139,21 @@ def test_noop_when_cuda_is_available(children):
     assert gpu["changed_by_first"] == [] and gpu["changed_by_second"] == []
     assert gpu["device_before"] == gpu["device_after"] == "cuda:0"
     assert gpu["install_logs"] == 0
+
+
+def test_distributed_optimizer_fixes_apply_on_gpu_without_te(children):
+    """On a GPU without TE/apex the distributed optimizer's checkpoint fixes apply on their own
+    (the CPU bridge stays off); where the bridge is on it has applied them already."""
+    gpu = children["gpu"]
+    assert gpu["have_apex_or_te"] is False  # this test's environment: neither is installed
+    assert gpu["fixes"] is True and gpu["active"] is False
+    assert gpu["changed_by_fixes"] == [
+        "DistributedOptimizer._set_main_param_and_optimizer_states",
+        "DistributedOptimizer.load_state_dict",
+        "DistributedOptimizer.state_dict",
+    ]
+    for mode in ("force", "env"):
+        assert children[mode]["fixes"] is True and children[mode]["changed_by_fixes"] == []
 
 
 @pytest.mark.parametrize("mode", ["force", "env"])

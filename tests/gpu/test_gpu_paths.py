@@ -17,6 +17,11 @@ References and tolerances:
 - NCCL layouts, fp32 with TF32 off: TP2 (and TP2 + sequence parallel) against TP1 from one
   checkpoint, 1e-3 relative on the loss, CE, mean target probability and gradient norm
   (reduction order only; a wrong shard moves them by O(1)).
+- Resume on one GPU (local spec, bf16, distributed optimizer, overlapped grad reduce and
+  param gather, dropout on): 6 steps straight against 3, save, load, 3 more; the records
+  of the two runs equal to 1e-6 relative (the same kernels on the same data; a wrong
+  optimizer step count, LR schedule or RNG state moves them by far more). Every run checks
+  that the CPU bridge stayed off.
 """
 
 from __future__ import annotations
@@ -138,6 +143,10 @@ def _train_worker(rank, world_size, argv, out):
     trainer.build_model = build_and_note  # the one the trainer's _run calls
     cfg, given = parse_args(argv)
     records = trainer.train(cfg, given)
+    from dft_megatron.compat import cpu as bridge
+
+    if bridge.cpu_bridge_active() or torch.Tensor.cuda is not bridge._ORIG_TENSOR_CUDA:
+        raise AssertionError("the CPU bridge was installed in a CUDA run")
     if rank == 0:
         Path(out).write_text(json.dumps({"records": records, "modules": sorted(modules)}))
 
@@ -254,3 +263,31 @@ def test_nccl_layout_matches_tp1(layout, fp32_checkpoint, fp32_tp1, tmp_path):
             assert rec[key] == pytest.approx(ref[key], rel=1e-3), (layout, key, ref, rec)
         assert rec["tokens"] == ref["tokens"]
     assert got[-1]["loss"] != got[0]["loss"]
+
+
+def test_overlap_distributed_optimizer_resume_bf16(tmp_path):
+    """--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather in bf16 on one
+    GPU (local spec): 6 steps straight == 3, save, load, 3 more; validation in between."""
+    flags = [
+        *TINY,
+        *LOCAL_BF16,
+        "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+        "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--train-iters", "6",
+        "--eval-interval", "2", "--eval-iters", "1",
+    ]  # fmt: skip
+    straight = run(tmp_path, "straight", 1, flags)["records"]
+    ckpt = tmp_path / "ckpt"
+    first = run(tmp_path, "first", 1, [*flags, "--save", str(ckpt), "--exit-interval", "3"])
+    second = run(tmp_path, "second", 1, [*flags, "--load", str(ckpt)])
+    train_records = [r for r in straight if r.get("split") != "valid"]
+    resumed = [r for r in first["records"] + second["records"] if r.get("split") != "valid"]
+    assert [r["iteration"] for r in resumed] == list(range(1, 7)), resumed
+    _assert_finite(train_records, 6)
+    for a, b in zip(train_records, resumed, strict=True):
+        assert b["lr"] == a["lr"], (a, b)
+        for key in ("loss", "ce_loss", "target_prob_mean", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (key, a, b)
+    assert train_records[-1]["loss"] != train_records[0]["loss"]
+    evals = [r for r in straight if r.get("split") == "valid"]
+    assert [r["iteration"] for r in evals] == [2, 4, 6], evals

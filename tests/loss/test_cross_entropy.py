@@ -98,8 +98,9 @@ def shard(t, tp, rank):
     return t[..., rank * v : (rank + 1) * v]
 
 
-def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=False):
-    """Run one case on this rank's shard and compare with the float64 reference."""
+def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=False, device="cpu"):
+    """Run one case on this rank's shard (on `device`) and compare with the float64 reference
+    (computed on the CPU)."""
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
     dtype = DTYPES[dtype_name]
@@ -112,14 +113,17 @@ def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=Fals
     grad_out = torch.rand(target.shape, generator=g, dtype=torch.float64) + 0.5
     ref_loss, ref_grad, ref_p, ref_h, ref_ce = reference(logits.double(), target, variant, grad_out)
 
-    x = shard(logits, tp, rank).clone().requires_grad_()
+    x = shard(logits, tp, rank).clone().to(device).requires_grad_()
     loss, stats = vocab_parallel_dft_cross_entropy(
-        x.clone(), target, **VARIANTS[variant], tp_group=tp_group, return_stats=True
+        x.clone(), target.to(device), **VARIANTS[variant], tp_group=tp_group, return_stats=True
     )
-    loss.backward(grad_out.float())
+    loss.backward(grad_out.float().to(device))
 
     assert loss.dtype == torch.float32 and loss.shape == target.shape
     assert x.grad.dtype == dtype
+    assert loss.device == x.device and stats.target_prob.device == x.device
+    loss, grad = loss.cpu(), x.grad.cpu()
+    stats = type(stats)(*(t.cpu() for t in stats))
     if dtype == torch.float32:
         eps = torch.finfo(torch.float32).eps
         rtol, atol_loss, atol_grad = 1e-5, 1e-6, 4 * eps * grad_out.max().item()
@@ -130,7 +134,7 @@ def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=Fals
         loss.double(), ref_loss, rtol=rtol, atol=atol_loss, msg=lambda m: f"loss {msg}: {m}"
     )
     torch.testing.assert_close(
-        x.grad.double(),
+        grad.double(),
         shard(ref_grad, tp, rank),
         rtol=rtol,
         atol=atol_grad,
@@ -142,16 +146,16 @@ def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=Fals
     if ignore:
         ignored = target == -100
         assert torch.all(loss[ignored] == 0)
-        assert torch.all(x.grad[ignored] == 0)
+        assert torch.all(grad[ignored] == 0)
 
 
-def check_all_ignored(tp_group=None):
+def check_all_ignored(tp_group=None, device="cpu"):
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
     logits64, target = peaked_logits((SEQ, BATCH), VOCAB, seed=3)
-    target.fill_(-100)
+    target = target.fill_(-100).to(device)
     for variant in VARIANTS:
-        x = shard(logits64.float(), tp, rank).clone().requires_grad_()
+        x = shard(logits64.float(), tp, rank).clone().to(device).requires_grad_()
         loss, stats = vocab_parallel_dft_cross_entropy(
             x.clone(), target, **VARIANTS[variant], tp_group=tp_group, return_stats=True
         )
@@ -210,12 +214,12 @@ def check_collectives(tp_group):
         dist.all_reduce = real_all_reduce
 
 
-def check_bad_target(tp_group=None):
+def check_bad_target(tp_group=None, device="cpu"):
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     logits64, target = peaked_logits((SEQ, BATCH), VOCAB, seed=8)
-    x = shard(logits64.float(), tp, 0)
+    x = shard(logits64.float(), tp, 0).to(device)
     for bad in (VOCAB, -1, 10**9):
-        t = target.clone()
+        t = target.clone().to(device)
         t[2, 1] = bad
         with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 96\).*target\[2, 1\]"):
             vocab_parallel_dft_cross_entropy(x.clone(), t, tp_group=tp_group)
