@@ -64,6 +64,10 @@ class OptimConfig:
     train_iters: int = 10
     """Optimizer steps."""
 
+    train_epochs: float | None = None
+    """Train this many passes over the training data instead of --train-iters (which is then
+    set from the data: ceil(epochs x sequences / global batch size))."""
+
     lr: float = 1e-4
     """Peak learning rate."""
 

@@ -520,6 +520,13 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> list[dict]:
             f"(got {o.micro_batch_size}); keep --global-batch-size, or pass --no-packing"
         )
     data = build_data(cfg, tokenizer, gbs)
+    if o.train_epochs is not None:
+        if data[0] is None or isinstance(data[0], MockDataset):
+            raise ConfigError("--train-epochs needs --sft-data or --data-path (a finite dataset)")
+        o.train_iters = math.ceil(o.train_epochs * len(data[0]) / gbs)
+        logger.info(
+            "--train-epochs %g: %d iterations of %d sequences", o.train_epochs, o.train_iters, gbs
+        )
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,

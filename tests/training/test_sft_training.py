@@ -156,3 +156,14 @@ def test_eval_only_on_pretokenized_rows(sft, tmp_path):
     (rec,) = run(tmp_path, "eval", 2, [*flags, "--tensor-model-parallel-size", "2"])
     assert rec["tokens"] == sum(len(r["input_ids"]) - 8 for r in rows)
     assert 4.0 < rec["ce_loss"] < 7.0  # a random model over ~300 tokens: about log(300)
+
+
+def test_train_epochs_sets_the_iterations(sft, tmp_path):
+    """--train-epochs 1 over 8 rows padded one per sequence, global batch 4: 2 iterations."""
+    _, ckpt, _ = sft
+    data = tmp_path / "eight.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(8)))
+    flags = [*MODEL, "--sft-data", str(data), "--data-cache-dir", str(tmp_path / "c")]
+    flags += ["--load", str(ckpt), "--finetune", "--no-packing", "--train-epochs", "1"]
+    got = run(tmp_path, "epochs", 1, flags)
+    assert [r["iteration"] for r in got] == [1, 2]
