@@ -317,10 +317,12 @@ def padded_rows(model: ModelConfig) -> dict[str, slice]:
 
 
 def check_coverage(model: ModelConfig, params: dict[str, torch.Tensor]) -> None:
-    """Every element of every parameter in `params` (name -> tensor, meta tensors work) is
-    in exactly one block of `tensor_maps` or in the padded rows; raise otherwise.
+    """The blocks of `tensor_maps` plus the padded rows add up to every parameter's size, and
+    every block has its HF tensor's size; raise otherwise (meta tensors work).
 
-    A guard on this module's own mapping (the import writes into uninitialized memory)."""
+    A cheap guard on this module's own mapping (the import writes into uninitialized memory);
+    tests/convert checks element by element on a small model that no block overlaps another.
+    """
     counts = {name: 0 for name in params}
     for m in tensor_maps(model):
         if m.megatron_name not in params:
