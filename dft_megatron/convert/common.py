@@ -143,7 +143,7 @@ def prepare_output(out: str | Path, force: bool, *, source: str | Path) -> Path:
 def copy_tokenizer_files(src: Path | None, dst: Path) -> list[str]:
     """Copy the TOKENIZER_FILES present in `src` into `dst` (created); returns their names."""
     if src is None or not src.is_dir():
-        logger.warning("no tokenizer files to copy (no folder %s)", src)
+        logger.warning("no tokenizer files to copy: the source has no tokenizer folder")
         return []
     found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     if not found:

@@ -109,8 +109,11 @@ def hf_to_model_config(
 
     if getattr(hf, "hidden_act", "silu") != "silu":
         refuse(f"hidden_act {hf.hidden_act!r}: the SwiGLU mapping needs 'silu'")
+    # Qwen2 configs carry a sliding_window that use_sliding_window=false switches off.
     window = getattr(hf, "sliding_window", None)
-    if getattr(hf, "use_sliding_window", False) or window is not None:
+    if getattr(hf, "use_sliding_window", None) is False:
+        window = None
+    if window is not None:
         refuse(
             f"sliding-window attention (sliding_window={window}): Megatron-Core's attention "
             "here is full causal attention, so the logits would differ past the window"
@@ -186,6 +189,14 @@ def model_config_to_hf(model: ModelConfig, **token_ids):
     Qwen2Config). `token_ids`: bos_token_id, eos_token_id, pad_token_id where known."""
     import transformers
 
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        # transformers 4.x reads RoPE from rope_theta/rope_scaling and would ignore the
+        # rope_parameters written here (silently dropping Llama-3 scaling).
+        raise ConversionError(
+            f"export writes transformers >= 5 configs (rope_parameters); this is "
+            f"transformers {transformers.__version__}: pip install 'transformers>=5'"
+        )
     if model.family not in HF_FAMILIES:
         raise ConversionError(
             f"model family {model.family!r} has no Hugging Face mapping; supported families: "
@@ -234,7 +245,7 @@ def model_config_to_hf(model: ModelConfig, **token_ids):
         rms_norm_eps=model.norm_epsilon,
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         rope_parameters=rope,
-        attention_dropout=0.0,
+        attention_dropout=model.attention_dropout,
         **token_ids,
     )
     if model.family == "llama":

@@ -78,6 +78,8 @@ def test_supported_configs_map():
     for family in ("llama", "mistral", "qwen2"):
         cfg = hf_config(family)
         cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+        if family == "qwen2":  # as Qwen2.5's hub configs: a window that is switched off
+            cfg.sliding_window = 131072
         model = hf_to_model_config(
             cfg, make_vocab_size_divisible_by=32, tensor_model_parallel_size=2
         )
