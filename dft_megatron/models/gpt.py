@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
@@ -221,18 +222,58 @@ def layer_spec(model: ModelConfig, transformer_impl: str):
 class DFTGPTModel(GPTModel):
     """GPTModel whose language-model loss is the vocab-parallel DFT cross-entropy.
 
-    Extra constructor argument `loss_weighting` (a TokenWeighting; "sft" gives Megatron-Core's
-    plain CE). While `collect_stats` is True (the default), each forward with labels leaves
-    that micro-batch's per-token DFTLossStats in `last_loss_stats`, [b, s] each (last
-    pipeline stage only); the entropy in them costs one more pass over the softmax, so the
-    trainer turns it on for the steps it logs. Otherwise `last_loss_stats` is None.
+    Extra constructor arguments:
+    - `loss_weighting` (a TokenWeighting; "sft" gives Megatron-Core's plain CE).
+    - `unpadded_vocab_size`: the tokenizer's vocabulary. The embedding and output layer carry
+      `vocab_size` rows, padded up to a multiple of --make-vocab-size-divisible-by x TP; the
+      logits of the padded columns would take part in the softmax (a Hugging Face model of
+      the same weights has no such columns, so its CE and probabilities would differ). The
+      output layer's logits of columns >= `unpadded_vocab_size` are therefore set, in place,
+      to the dtype's most negative finite value: exp() of them is exactly 0 after the max
+      shift, so loss, gradients, probabilities and the entropy statistic are those of the
+      unpadded vocabulary (a finite value, not -inf: 0 * -inf would make the entropy NaN).
+      This touches only the rank(s) whose vocabulary shard holds padded columns, and only
+      those columns; their gradient is then 0. Returned logits (no labels) carry the same
+      values, so argmax or sampling never picks a padded id.
+
+    While `collect_stats` is True (the default), each forward with labels leaves that
+    micro-batch's per-token DFTLossStats in `last_loss_stats`, [b, s] each (last pipeline
+    stage only); the entropy in them costs one more pass over the softmax, so the trainer
+    turns it on for the steps it logs. Otherwise `last_loss_stats` is None.
     """
 
-    def __init__(self, *args, loss_weighting: TokenWeighting | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_weighting: TokenWeighting | None = None,
+        unpadded_vocab_size: int | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.loss_weighting = loss_weighting or TokenWeighting()
         self.collect_stats = True
         self.last_loss_stats: DFTLossStats | None = None
+        # GPTModel's `vocab_size` is the padded row count.
+        self.unpadded_vocab_size = unpadded_vocab_size or self.vocab_size
+        if self.unpadded_vocab_size > self.vocab_size:
+            raise ValueError(
+                f"unpadded_vocab_size ({self.unpadded_vocab_size}) exceeds the model's "
+                f"{self.vocab_size} vocabulary rows"
+            )
+        if self.post_process and self.unpadded_vocab_size < self.vocab_size:
+            self.output_layer.register_forward_hook(self._mask_padded_vocab)
+
+    def _mask_padded_vocab(self, module, inputs, output) -> None:
+        """Forward hook of the output layer: padded vocabulary columns -> finfo.min, in place."""
+        logits = output[0]  # [s, b, v/tp], or [s, b, v] when the layer gathered its output
+        width = logits.shape[-1]
+        if width == module.output_size_per_partition:
+            first = 0 if module.tp_group is None else dist.get_rank(module.tp_group) * width
+        else:  # gathered over TP (runtime_gather_output): columns are global ids
+            first = 0
+        start = max(self.unpadded_vocab_size - first, 0)
+        if start < width:
+            logits[..., start:].fill_(torch.finfo(logits.dtype).min)
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
         """labels [b, s], logits [s, b, v/tp] -> fp32 per-token loss [b, s]."""
@@ -299,4 +340,5 @@ def build_gpt_model(
             model, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
         ),
         loss_weighting=loss_weighting,
+        unpadded_vocab_size=model.vocab_size,
     )

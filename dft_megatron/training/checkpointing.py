@@ -3,6 +3,8 @@
 Layout of a save directory (Megatron-LM's names):
 
     SAVE/latest_checkpointed_iteration.txt     the iteration `--load SAVE` picks
+    SAVE/tokenizer/                            the tokenizer's files (Hugging Face format), when
+                                               the checkpoint came with one (conversion)
     SAVE/iter_0000042/                         one checkpoint
         dft_megatron.json                      architecture, iteration, consumed samples, config
         ... dist_checkpointing files ...       model, optimizer, scheduler, RNG states
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "dft_megatron.json"
+TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 # The distributed optimizer's checkpoint format. Megatron-Core 0.19.2's default
 # ("fully_sharded_model_space") makes ShardedTensors with `flattened_range`, which its own
@@ -60,6 +63,16 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 def iteration_dir(save: str | Path, iteration: int) -> Path:
     return Path(save) / f"iter_{iteration:07d}"
+
+
+def tokenizer_dir(checkpoint_root: str | Path) -> Path | None:
+    """The tokenizer folder of a checkpoint: SAVE/tokenizer, for SAVE itself or one of its
+    iter_NNNNNNN folders; None when there is none."""
+    root = Path(checkpoint_root)
+    for base in (root, root.parent) if re.fullmatch(r"iter_\d{7}", root.name) else (root,):
+        if (base / TOKENIZER_DIR).is_dir():
+            return base / TOKENIZER_DIR
+    return None
 
 
 @dataclass
@@ -98,19 +111,6 @@ def resolve(load: str) -> Path:
         f"--load {load}: neither a checkpoint (no {METADATA}) nor a save directory (no "
         f"{TRACKER}); give the folder passed to --save or one of its iter_NNNNNNN folders"
     )
-
-
-TOKENIZER_DIR = "tokenizer"
-
-
-def tokenizer_dir(load: str | Path) -> Path | None:
-    """The tokenizer stored with a checkpoint: SAVE/tokenizer, for --load SAVE or
-    --load SAVE/iter_NNNNNNN; None if it has none."""
-    path = Path(load)
-    for root in (path, path.parent):
-        if (root / TOKENIZER_DIR / "tokenizer_config.json").is_file():
-            return root / TOKENIZER_DIR
-    return None
 
 
 def save_tokenizer(save: str | Path, tokenizer) -> None:

@@ -1,16 +1,26 @@
 """DFTGPTModel: the DFT loss inside Megatron-Core's GPTModel, for each model family.
 
-References: Megatron-Core's own GPTModel (its `vocab_parallel_cross_entropy` loss) with
-the same weights, for loss_type="sft" (per-token loss and every parameter gradient to
-1e-6, fp32); the per-token DFT weight sg(p) applied to that same CE, for "dft".
+The models have a vocabulary of 96 padded to 128 embedding rows (64 per rank at TP2: rank 1
+holds 32 real and 32 padded columns). References, fp32, with the same weights:
+- loss_type="sft": Megatron-Core's own GPTModel whose loss is torch's `F.cross_entropy` over
+  the first 96 columns of its all-gathered logits, i.e. the model without vocabulary padding
+  (a Hugging Face model's CE): per-token loss to 1e-6, every parameter gradient to 1e-5
+  relative + 1e-6 absolute (the two CE implementations round differently). The same
+  GPTModel's own `vocab_parallel_cross_entropy` over all 128 columns differs from it (the
+  padded columns take part in its softmax).
+- loss_type="dft": the per-token DFT weight sg(p) applied to that same CE.
+- Logits without labels: equal to Megatron-Core's in the real columns, the dtype's finite
+  minimum in the padded ones.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from dft_megatron.compat import install_cpu_bridge
@@ -71,6 +81,22 @@ FAMILIES = {
 }
 
 
+class UnpaddedReference(GPTModel):
+    """Megatron-Core's GPTModel with torch's CE over the first `vocab` columns (all-gathered
+    over TP; the gather's backward hands each rank its shard of the gradient)."""
+
+    def __init__(self, *args, vocab: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vocab = vocab
+
+    def compute_language_model_loss(self, labels, logits):
+        full = gather_from_tensor_model_parallel_region(logits)[..., : self.vocab].float()
+        s, b, v = full.shape
+        target = labels.transpose(0, 1).reshape(-1)  # [b, s] -> [s * b]
+        ce = F.cross_entropy(full.reshape(s * b, v), target, reduction="none")
+        return ce.view(s, b).transpose(0, 1)  # [s, b] -> [b, s]
+
+
 def _models(model_cfg: ModelConfig, weighting: TokenWeighting):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tcfg = transformer_config(model_cfg, PrecisionConfig(), tensor_model_parallel_size=tp)
@@ -79,7 +105,7 @@ def _models(model_cfg: ModelConfig, weighting: TokenWeighting):
     ours = build_gpt_model(
         model_cfg, tcfg, loss_weighting=weighting, pre_process=True, post_process=True
     )
-    theirs = GPTModel(**gpt_model_kwargs(model_cfg, tcfg))
+    theirs = UnpaddedReference(**gpt_model_kwargs(model_cfg, tcfg), vocab=model_cfg.vocab_size)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -102,7 +128,7 @@ def check_family(family):
     model_cfg = FAMILIES[family]
     tokens, pos, labels = _batch(model_cfg)
 
-    # "sft": Megatron-Core's GPTModel, loss and gradients.
+    # "sft": Megatron-Core's GPTModel with CE over the unpadded vocabulary, loss and gradients.
     ours, theirs = _models(model_cfg, TokenWeighting("sft"))
     grad_out = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2))
     loss_ours = ours(tokens, pos, None, labels=labels)
@@ -113,9 +139,26 @@ def check_family(family):
     loss_theirs.backward(grad_out)
     named = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            p.grad, named[name].grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
     stats = ours.last_loss_stats
     torch.testing.assert_close(stats.cross_entropy, loss_theirs.detach(), rtol=1e-6, atol=1e-6)
+
+    # Megatron-Core's own CE over the padded vocabulary is not that reference.
+    padded_ce = GPTModel.compute_language_model_loss(
+        theirs, labels, theirs(tokens, pos, None).transpose(0, 1).contiguous()
+    )
+    assert (padded_ce - loss_theirs).abs().max() > 1e-3
+
+    # Logits: Megatron-Core's in the real columns, finfo.min in the padded ones.
+    with torch.no_grad():
+        logits_ours, logits_theirs = ours(tokens, pos, None), theirs(tokens, pos, None)
+    v_local = logits_ours.shape[-1]
+    real = model_cfg.vocab_size - parallel_state.get_tensor_model_parallel_rank() * v_local
+    real = min(max(real, 0), v_local)
+    torch.testing.assert_close(logits_ours[..., :real], logits_theirs[..., :real], rtol=0, atol=0)
+    assert (logits_ours[..., real:] == torch.finfo(torch.float32).min).all()
 
     # "dft": the same CE weighted by sg(p) = exp(-CE), per token.
     ours, theirs = _models(model_cfg, TokenWeighting("dft"))

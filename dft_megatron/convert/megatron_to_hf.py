@@ -1,0 +1,189 @@
+"""A dft_megatron checkpoint -> a Hugging Face folder, streaming.
+
+Any checkpoint the trainer (or the import) wrote: any TP x PP, with or without optimizer
+state, the latest or a given iteration. The weights are loaded at TP1 x PP1 on CPU
+(`dist_checkpointing` reshards; optimizer, scheduler and RNG states are not read), in the
+dtype they were saved in. Then every Hugging Face tensor is cut out of its Megatron-Core
+block (families.TensorMap; padded vocabulary rows dropped) and written, shard by shard, into
+safetensors files of at most `max_shard_size` bytes: one `model.safetensors`, or
+`model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, as transformers'
+`save_pretrained` names them. Then config.json (the family's transformers config),
+generation_config.json and the checkpoint's tokenizer files (SAVE/tokenizer).
+
+Memory: one copy of the model plus one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dft_megatron.convert.common import (
+    build_model,
+    copy_tokenizer_files,
+    dtype_name,
+    parameters,
+    prepare_output,
+    single_process,
+)
+from dft_megatron.convert.families import (
+    ConversionError,
+    TensorMap,
+    check_coverage,
+    model_config_to_hf,
+    tensor_maps,
+)
+from dft_megatron.training import checkpointing
+
+logger = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str | int) -> int:
+    """ "5GB" -> 5 * 10**9 bytes ("GiB": 2**30), as transformers reads --max-shard-size."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match or match.group(2) not in _UNITS:
+        raise ConversionError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB, 2GiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if size <= 0:
+        raise ConversionError(f"--max-shard-size {text!r} must be > 0")
+    return size
+
+
+def resolve_checkpoint(megatron_dir: str | Path, iteration: int | None) -> Path:
+    """The iter_NNNNNNN folder: `iteration` of the save folder, or the one --load would pick."""
+    if iteration is None:
+        return checkpointing.resolve(str(megatron_dir))
+    path = checkpointing.iteration_dir(megatron_dir, iteration)
+    if not (path / checkpointing.METADATA).is_file():
+        found = sorted(p.name for p in Path(megatron_dir).glob("iter_*"))
+        raise FileNotFoundError(
+            f"--iteration {iteration}: {path} is not a complete checkpoint; "
+            f"{megatron_dir} holds {', '.join(found) or 'none'}"
+        )
+    return path
+
+
+def saved_dtype(path: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in (that of its word embeddings)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    key = "embedding.word_embeddings.weight"
+    if key not in meta:
+        raise ConversionError(f"{path}: no tensor {key}; not a GPT checkpoint of dft_megatron")
+    return meta[key].dtype
+
+
+def shard_plan(maps: list[TensorMap], dtype: torch.dtype, max_bytes: int) -> list[list[TensorMap]]:
+    """Consecutive tensors grouped into shards of at most `max_bytes` (a bigger tensor alone)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[TensorMap]] = [[]]
+    used = 0
+    for m in maps:
+        nbytes = math.prod(m.hf_shape) * size
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        if nbytes > max_bytes:
+            logger.warning(
+                "%s (%d bytes) exceeds --max-shard-size: a shard of its own", m.hf_name, nbytes
+            )
+        shards[-1].append(m)
+        used += nbytes
+    return shards
+
+
+def write_hf_weights(
+    maps: list[TensorMap], params: dict[str, torch.Tensor], out: Path, max_bytes: int
+) -> list[str]:
+    """Write the mapped tensors of `params` into safetensors shards under `out`; returns the
+    file names."""
+    from safetensors.torch import save_file
+
+    dtype = params[maps[0].megatron_name].dtype
+    shards = shard_plan(maps, dtype, max_bytes)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+    ]  # fmt: skip
+    weight_map, total = {}, 0
+    with torch.no_grad(), tqdm(total=len(maps), desc="export", unit="tensor") as bar:
+        for name, shard in zip(names, shards, strict=True):
+            tensors = {}
+            for m in shard:
+                block = m.block(params[m.megatron_name])
+                tensors[m.hf_name] = block.reshape(m.hf_shape).clone(
+                    memory_format=torch.contiguous_format
+                )
+                weight_map[m.hf_name] = name
+                total += tensors[m.hf_name].numel() * tensors[m.hf_name].element_size()
+                bar.update()
+            save_file(tensors, out / name, metadata={"format": "pt"})
+            del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _token_ids(tokenizer: Path | None) -> dict:
+    """bos/eos/pad token ids from the tokenizer folder's generation_config.json, if any."""
+    if tokenizer is None or not (tokenizer / "generation_config.json").is_file():
+        return {}
+    gen = json.loads((tokenizer / "generation_config.json").read_text())
+    return {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen}
+
+
+def convert_megatron_to_hf(
+    megatron_dir: str | Path,
+    hf_dir: str | Path,
+    *,
+    iteration: int | None = None,
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Export a checkpoint of `megatron_dir` (latest, or `iteration`) to `hf_dir`; returns it."""
+    path = resolve_checkpoint(megatron_dir, iteration)
+    info = checkpointing.read_info(path)
+    tokenizer = checkpointing.tokenizer_dir(path)
+    hf_config = model_config_to_hf(info.model, **_token_ids(tokenizer))
+    max_bytes = parse_size(max_shard_size)
+    out = prepare_output(hf_dir, force, source=path.parent)
+    dtype = saved_dtype(path)
+    logger.info(
+        "%s: iteration %d, saved at TP%d x PP%d%s, %s",
+        path,
+        info.iteration,
+        info.tensor_model_parallel_size,
+        info.pipeline_model_parallel_size,
+        " with optimizer state (not read)" if info.has_optimizer else "",
+        dtype_name(dtype),
+    )
+    with single_process():
+        net = build_model(info.model, dtype)
+        checkpointing.load_checkpoint(info, [net], load_rng=False)
+        params = parameters(net)
+        check_coverage(info.model, params)
+        files = write_hf_weights(tensor_maps(info.model), params, out, max_bytes)
+        del net, params
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(out)
+    copy_tokenizer_files(tokenizer, out)
+    if not (out / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(hf_config).save_pretrained(out)
+    logger.info("wrote %s: %s, config.json, generation_config.json", out, ", ".join(files))
+    return out

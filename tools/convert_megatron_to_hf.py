@@ -1,0 +1,92 @@
+"""dft_megatron checkpoint (any TP x PP, with or without optimizer state) -> Hugging Face folder.
+
+    python tools/convert_megatron_to_hf.py --megatron-dir ckpt/run --hf-dir hf/run
+    python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf/run')"
+
+Runs on CPU in one process (GPUs are hidden): peak memory about one copy of the model plus one
+shard. See dft_megatron/convert/megatron_to_hf.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Conversion is a CPU job; set before torch is imported so that no CUDA path is taken.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python tools/convert_megatron_to_hf.py",
+        description="Export a checkpoint written by dft_megatron.train (or by "
+        "convert_hf_to_megatron.py) as a Hugging Face folder that "
+        "transformers.AutoModelForCausalLM.from_pretrained loads: config.json, "
+        "generation_config.json, safetensors shards, tokenizer files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--megatron-dir",
+        required=True,
+        help="checkpoint folder (the --save folder, or one of its iter_NNNNNNN folders)",
+    )
+    p.add_argument(
+        "--iteration",
+        type=int,
+        default=None,
+        help="export iter_NNNNNNN of --megatron-dir (default: latest_checkpointed_iteration.txt)",
+    )
+    p.add_argument("--hf-dir", required=True, help="output Hugging Face folder")
+    p.add_argument(
+        "--force", action="store_true", help="replace the contents of a non-empty --hf-dir"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after writing, compare transformers' logits and CE on the written folder with the "
+        "checkpoint's (fp32, CPU); exit 1 beyond fp32 tolerance",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file (5GB = 5 * 10^9 bytes; GiB, MB, ... accepted)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from dft_megatron.convert.common import single_process
+    from dft_megatron.convert.families import ConversionError
+    from dft_megatron.convert.megatron_to_hf import convert_megatron_to_hf, resolve_checkpoint
+    from dft_megatron.convert.verify import verify_conversion
+    from dft_megatron.utils.logging import setup_logging
+
+    setup_logging()
+    try:
+        with single_process():
+            out = convert_megatron_to_hf(
+                args.megatron_dir,
+                args.hf_dir,
+                iteration=args.iteration,
+                force=args.force,
+                max_shard_size=args.max_shard_size,
+            )
+            print(f"wrote {out}")
+            if args.verify:
+                checkpoint = resolve_checkpoint(args.megatron_dir, args.iteration)
+                result = verify_conversion(out, checkpoint)
+                print(f"verify: {result.report()}")
+                if not result.passed:
+                    return 1
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
