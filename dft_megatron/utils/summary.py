@@ -1,0 +1,63 @@
+"""The CPU quickstart's closing summary: losses per stage, where the files are, and the
+evaluation table. `python -m dft_megatron.utils.summary OUT` (OUT: the quickstart folder)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STAGES = (("pretrain", "pre-training (text, SFT loss)"), ("dft", "DFT fine-tuning"))
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary(out: str | Path) -> str:
+    from dft_megatron.eval.runner import format_results_table
+
+    out = Path(out)
+    lines = ["training (token means over the target tokens; p: mean target probability):"]
+    for folder, title in STAGES:
+        recs = _records(out / folder / "metrics.jsonl")
+        train = [r for r in recs if r.get("split") != "valid"]
+        valid = [r for r in recs if r.get("split") == "valid"]
+        if not train:
+            lines.append(f"  {title}: no metrics in {out / folder}")
+            continue
+        first, last = train[0], train[-1]
+        lines.append(
+            f"  {title}: iterations {first['iteration']}..{last['iteration']}: loss "
+            f"{first['loss']:.4f} -> {last['loss']:.4f}, CE {first['ce_loss']:.3f} -> "
+            f"{last['ce_loss']:.3f}, p {first['target_prob_mean']:.3f} -> "
+            f"{last['target_prob_mean']:.3f}"
+        )
+        if valid:
+            v = valid[-1]
+            lines.append(
+                f"    validation at iteration {v['iteration']}: loss {v['loss']:.4f}, "
+                f"CE {v['ce_loss']:.3f}, p {v['target_prob_mean']:.3f}"
+            )
+    lines += [
+        "",
+        "files:",
+        f"  Hugging Face models:   {out / 'hf_init'} (initial), {out / 'hf'} (DFT result)",
+        f"  Megatron checkpoints:  {out / 'megatron_init'}, {out / 'pretrain'}, {out / 'dft'}",
+        f"  TensorBoard:           tensorboard --logdir {out / 'tensorboard'}",
+        f"  evaluation:            {out / 'eval'} (results.json, <benchmark>.samples.jsonl)",
+    ]
+    results = out / "eval" / "results.json"
+    if results.is_file():
+        lines += [
+            "",
+            "evaluation (percent):",
+            format_results_table(json.loads(results.read_text())),
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summary(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart"))  # noqa: T201
