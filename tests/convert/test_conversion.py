@@ -12,7 +12,8 @@ with a vocabulary of 96 padded to 128 rows:
 - a checkpoint the trainer saved at TP2 after 2 steps (with optimizer state) exports with
   the CLI (--iteration, --verify), loads in transformers and generates text with the
   tokenizer that travels in the checkpoint folder;
-- the CLI's --verify passes on an import and refuses a non-empty output without --force;
+- the CLI's --verify passes on an import (and verification fails for a wrong model); the
+  CLI refuses a non-empty output without --force;
 - a TP size that does not divide heads / query groups fails at the trainer's load check.
 Process spawns: one of 2 ranks (training), one of 1 (conversions), one of 4 (layouts).
 """
@@ -103,6 +104,12 @@ def _convert_worker(rank, world_size, work: str):
     results["export_cli_rc"] = _tool("convert_megatron_to_hf")(
         [*trained, "--hf-dir", str(w / "hf_trained"), "--verify"]
     )
+    # --verify catches a wrong model: mistral's checkpoint against llama's HF folder. Both
+    # hold the same random weights (same seed and shapes); only their RoPE differs.
+    from dft_megatron.convert.verify import verify_conversion
+
+    wrong = verify_conversion(w / "hf" / "llama", w / "mg" / "mistral")
+    results["verify_wrong_model"] = [wrong.passed, wrong.max_abs_diff / wrong.max_abs_logit]
     (w / "convert.json").write_text(json.dumps(results))
 
 
@@ -261,6 +268,8 @@ def test_cli_verify_and_force(work):
     assert rc["import_cli_rc"] == 0  # --verify passed
     assert rc["import_cli_no_force_rc"] == 2  # the output was no longer empty
     assert rc["export_cli_rc"] == 0
+    passed, relative_diff = rc["verify_wrong_model"]
+    assert not passed and relative_diff > 1e-2
 
 
 def test_trained_checkpoint_exports_and_generates(work):
