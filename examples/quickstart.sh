@@ -65,7 +65,7 @@ COMMON=(--tensor-model-parallel-size 2 --micro-batch-size 4 --global-batch-size 
 step 3 "pre-training on the solutions' text (SFT loss, TP 2, $PRETRAIN_ITERS iterations)"
 train "${COMMON[@]}" --load "$OUT/megatron_init" --finetune \
     --sft-data "$DATA/train.jsonl" --data-format text --text-key solution \
-    --loss-type sft --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 10 \
+    --loss-type sft --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-fraction 0.07 \
     --train-iters "$PRETRAIN_ITERS" --save "$OUT/pretrain" \
     --tensorboard-dir "$OUT/tensorboard/pretrain" --log-metrics-jsonl "$OUT/pretrain/metrics.jsonl"
 

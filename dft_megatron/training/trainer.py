@@ -394,6 +394,11 @@ def build_optimizer(cfg: TrainConfig, model: list[torch.nn.Module]):
     warmup = o.lr_warmup_iters
     if o.lr_warmup_fraction is not None:
         warmup = int(o.lr_warmup_fraction * o.train_iters)
+    if o.train_iters and warmup >= o.train_iters:
+        raise ConfigError(
+            f"the LR warm-up ({warmup} iterations) must be shorter than --train-iters "
+            f"({o.train_iters}); lower --lr-warmup-iters or use --lr-warmup-fraction"
+        )
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
