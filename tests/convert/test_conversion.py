@@ -208,7 +208,8 @@ def work(tmp_path_factory) -> Path:
     for family in FAMILIES:
         save_hf_model(family, w / "hf" / family)
     spawn(_train_worker, 2, str(w / "trained"))
-    # What the trainer's --save will do once wired: the tokenizer travels with the checkpoint.
+    # A --mock-data run has no tokenizer to store (an --sft-data run's --save stores its own);
+    # give this checkpoint one, as the export copies it.
     save_tokenizer(w / "trained" / "tokenizer")
     spawn(_convert_worker, 1, str(w))
     spawn(_layouts_worker, 4, str(w))
@@ -325,3 +326,23 @@ def test_no_output_left_behind_by_a_refusal(work, tmp_path):
     with pytest.raises(ConversionError, match="FalconForCausalLM.*not supported"):
         convert_hf_to_megatron(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_only_on_pretokenized_rows_gives_transformers_ce(work, tmp_path):
+    """The end-to-end check of an import: --eval-only --sft-data over pre-tokenized rows
+    (TP 2, padded to --seq-length) reports transformers' token-mean CE over the same targets."""
+    from tests.training.test_trainer import run
+
+    ids = tokens()
+    rows = [{"input_ids": row.tolist()} for row in ids]  # every token after the first
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ref = hf_logits(work / "hf" / "qwen2", ids[:, :-1])
+    ce_ref = torch.nn.functional.cross_entropy(ref.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    flags = ["--load", str(work / "mg" / "qwen2"), "--eval-only", "--sft-data", str(data)]
+    flags += ["--data-cache-dir", str(tmp_path / "cache"), "--no-packing"]
+    flags += ["--seq-length", str(SEQ + 4), "--tensor-model-parallel-size", "2"]
+    flags += ["--micro-batch-size", "1", "--global-batch-size", "2"]
+    (rec,) = run(tmp_path, "eval", 2, flags)
+    assert rec["tokens"] == BATCH * SEQ
+    assert rec["ce_loss"] == pytest.approx(float(ce_ref), rel=1e-5)
