@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--json-keys", nargs="+", default=["text"], help="keys to tokenize, one dataset each"
     )
-    parser.add_argument(
-        "--tokenizer-model", required=True, help="Hugging Face tokenizer folder (or hub-style path)"
-    )
+    parser.add_argument("--tokenizer-model", required=True, help="Hugging Face tokenizer folder")
     parser.add_argument(
         "--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx"
     )
