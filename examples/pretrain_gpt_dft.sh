@@ -22,7 +22,10 @@
 #   SAVE, LOAD, TENSORBOARD_DIR [unset]      checkpoint directories, TensorBoard log directory
 #   PYTHON [.venv/bin/python if present, else python]
 #
-# Data: the trainer reads synthetic tokens (--mock-data) for now.
+# Data: DATA_PATH (Megatron indexed data from tools/preprocess_data.py, a prefix or a weighted
+#   blend "0.7 PREFIX_A 0.3 PREFIX_B") with TOKENIZER (its Hugging Face tokenizer folder), or
+#   SFT_DATA (JSON Lines etc., see README.md) with TOKENIZER; otherwise synthetic tokens
+#   (--mock-data). More data flags (--prompt-key, --split, ...) pass through as extra flags.
 # Multi-node: run this script once per node with the same MASTER_ADDR/MASTER_PORT and
 # NNODES, NODE_RANK = 0..NNODES-1 (examples/pretrain_gpt_dft.sbatch does that under SLURM).
 set -euo pipefail
@@ -67,7 +70,6 @@ if [[ "$ON_GPU" == 1 ]]; then
         --num-attention-heads 12
         --seq-length 2048
         --max-position-embeddings 2048
-        --vocab-size 50257 # GPT-2's tokenizer; padded to a multiple of 128 x TP
         --position-embedding-type learned_absolute
         --normalization LayerNorm
         --hidden-dropout 0.0
@@ -114,7 +116,6 @@ else
         --hidden-size 64
         --num-attention-heads 4
         --seq-length 32
-        --vocab-size 200
         --transformer-impl local # Transformer Engine layers need a GPU
     )
     TRAINING_ARGS=(
@@ -133,7 +134,19 @@ else
     LOGGING_ARGS=(--log-interval 1 --eval-interval 2 --eval-iters 1)
 fi
 
-DATA_ARGS=(--mock-data)
+# The vocabulary: the tokenizer's when there is one, else GPT-2's size (GPU) or a tiny one.
+if [[ -z "${TOKENIZER:-}" ]]; then
+    MODEL_ARGS+=(--vocab-size "$([[ "$ON_GPU" == 1 ]] && echo 50257 || echo 200)")
+fi
+if [[ -n "${DATA_PATH:-}" ]]; then
+    # shellcheck disable=SC2206  # the blend is words: weights and prefixes
+    DATA_ARGS=(--data-path $DATA_PATH --tokenizer-model "${TOKENIZER:?DATA_PATH needs TOKENIZER}")
+elif [[ -n "${SFT_DATA:-}" ]]; then
+    DATA_ARGS=(--sft-data "$SFT_DATA" --tokenizer-model "${TOKENIZER:?SFT_DATA needs TOKENIZER}"
+        --valid-fraction 0.02)
+else
+    DATA_ARGS=(--mock-data)
+fi
 
 if [[ -n "${SAVE:-}" ]]; then
     LOGGING_ARGS+=(--save "$SAVE")

@@ -33,6 +33,10 @@ class DataConfig:
     split: str = "969,30,1"
     """Train,validation,test proportions of --data-path documents."""
 
+    eod_mask_loss: bool = False
+    """--data-path: no loss on the token that follows an end-of-document token (the first
+    token of the next document)."""
+
     tokenizer_model: str | None = None
     """Hugging Face tokenizer folder. Default: the tokenizer stored with the --load
     checkpoint (its tokenizer/ folder)."""

@@ -40,6 +40,7 @@ from megatron.core.utils import unwrap_model
 from dft_megatron.compat import install_cpu_bridge, install_distributed_optimizer_fixes
 from dft_megatron.data import Batch, GlobalBatchSampler, MockDataset
 from dft_megatron.data.packing import block_causal_mask, packed_seq_params
+from dft_megatron.data.pretrain import build_pretrain_datasets
 from dft_megatron.data.sft import build_sft_datasets, load_tokenizer
 from dft_megatron.data.sources import DataError
 from dft_megatron.models import build_gpt_model, resolve_transformer_impl, transformer_config
@@ -273,7 +274,33 @@ def build_data(cfg: TrainConfig, tokenizer, gbs: int):
                     gbs,
                 )
         return train, valid, o.seed
-    raise ConfigError("--data-path needs the pre-training data builder")
+    # Pre-training data: Megatron-Core's GPTDataset / BlendedMegatronDatasetBuilder (a
+    # collective: rank 0 builds the index cache, the others load it).
+    if tokenizer is None:
+        raise ConfigError(
+            "--data-path needs --tokenizer-model (the tokenizer the data was preprocessed "
+            "with: its end-of-document id)"
+        )
+    wants_valid = bool(lg.eval_interval) or lg.eval_only
+    try:
+        train, valid = build_pretrain_datasets(
+            d.data_path,
+            d.split,
+            m.seq_length,
+            o.seed,
+            (max(o.train_iters, 1) * gbs, lg.eval_iters * gbs if wants_valid else None),
+            tokenizer,
+            path_to_cache=d.data_cache_dir,
+            eod_mask_loss=d.eod_mask_loss,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"--data-path: {e}") from None
+    if wants_valid and valid is None:
+        raise ConfigError(
+            f"--split {d.split} leaves no validation documents; give validation a share "
+            "(e.g. --split 969,30,1) or drop --eval-interval / --eval-only"
+        )
+    return train, valid, None
 
 
 def resolve_model_config(cfg: TrainConfig, given: set[str]) -> checkpointing.CheckpointInfo | None:
@@ -526,8 +553,11 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> list[dict]:
         )
     data = build_data(cfg, tokenizer, gbs)
     if o.train_epochs is not None:
-        if data[0] is None or isinstance(data[0], MockDataset):
-            raise ConfigError("--train-epochs needs --sft-data or --data-path (a finite dataset)")
+        if not cfg.data.sft_data or data[0] is None:
+            raise ConfigError(
+                "--train-epochs needs --sft-data (for --data-path, --train-iters sets how many "
+                "samples are built)"
+            )
         o.train_iters = math.ceil(o.train_epochs * len(data[0]) / gbs)
         logger.info(
             "--train-epochs %g: %d iterations of %d sequences", o.train_epochs, o.train_iters, gbs
