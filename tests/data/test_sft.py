@@ -162,3 +162,13 @@ def test_eval_only_uses_sft_data_as_validation(tmp_path, tokenizer):
     f = _jsonl(tmp_path / "v.jsonl", _rows(5))
     train, valid, _ = build_sft_datasets(_cfg(tmp_path, [f]), tokenizer, 128, 0, eval_only=True)
     assert train is None and len(valid.samples) == 5
+
+
+def test_worker_processes_give_the_same_samples(tmp_path, tokenizer):
+    f = _jsonl(tmp_path / "w.jsonl", _rows(600))
+    one, _ = prepare_sft_rows([str(f)], _cfg(tmp_path / "1", [f]), tokenizer, 256)
+    two, stats = prepare_sft_rows(
+        [str(f)], _cfg(tmp_path / "2", [f], num_workers=2), tokenizer, 256
+    )
+    assert stats.outcomes["ok"] == 600
+    assert one["input_ids"] == two["input_ids"] and one["target_mask"] == two["target_mask"]
