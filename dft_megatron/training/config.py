@@ -149,7 +149,8 @@ class LoggingConfig:
     """Validation batches per evaluation (--eval-only reads the whole validation set)."""
 
     eval_only: bool = False
-    """No training: one full pass over the validation data, logged as one JSON line."""
+    """No training: one full pass over the validation data, logged as one JSON line at the
+    loaded checkpoint's iteration."""
 
 
 @dataclass

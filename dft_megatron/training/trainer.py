@@ -615,6 +615,9 @@ def _run(cfg, info, device, dp, gbs, transformer_impl, data, tokenizer) -> list[
             if ck.no_load_optim and scheduler is not None:
                 # A fresh scheduler continues the schedule from the loaded iteration.
                 scheduler.step(increment=iteration)
+        elif lg.eval_only:
+            # Label the validation line with the iteration of the weights it evaluates.
+            iteration = info.iteration
 
     dp_rank = parallel_state.get_data_parallel_rank()
     m = cfg.model

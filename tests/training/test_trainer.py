@@ -182,7 +182,8 @@ def test_resume_is_exact(tmp_path):
 
 def test_logging_outputs(initial_checkpoint, tmp_path):
     """JSON lines with the documented keys, TensorBoard scalars and the p histogram,
-    validation during training, and --eval-only's one line over the whole validation set."""
+    validation during training, and --eval-only's one line over the whole validation set,
+    labelled with the loaded checkpoint's iteration."""
     jsonl, tb = tmp_path / "metrics.jsonl", tmp_path / "tb"
     run(
         tmp_path,
@@ -202,6 +203,8 @@ def test_logging_outputs(initial_checkpoint, tmp_path):
             str(jsonl),
             "--tensorboard-dir",
             str(tb),
+            "--save",
+            str(tmp_path / "ckpt"),
         ),
     )
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
@@ -245,7 +248,7 @@ def test_logging_outputs(initial_checkpoint, tmp_path):
         [
             *TINY,
             "--load",
-            str(initial_checkpoint),
+            str(tmp_path / "ckpt"),
             "--eval-only",
             "--eval-iters",
             "2",
@@ -255,6 +258,7 @@ def test_logging_outputs(initial_checkpoint, tmp_path):
     )
     (rec,) = [json.loads(x) for x in only.read_text().splitlines()]
     assert rec["full_pass"] and rec["ce_loss"] > rec["loss"] > 0
+    assert rec["iteration"] == 3  # the iteration of the weights, not 0
     # Every validation token once: 2 global batches of 4 sequences, their loss-masked labels.
     from dft_megatron.data import MockDataset
 
