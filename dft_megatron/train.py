@@ -14,17 +14,19 @@ from dft_megatron.utils.logging import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
     setup_logging()
     cfg, given = parse_args(argv)
     try:
         train(cfg, given)
     except (ConfigError, DataError, FileNotFoundError) as e:
         # The same message on every rank: print it once.
-        import torch.distributed as dist
-
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr)  # noqa: T201
         return 2
+    if dist.is_initialized():  # a clean end (NCCL warns about a group left open)
+        dist.destroy_process_group()
     return 0
 
 
