@@ -42,6 +42,20 @@ class Batch:
     """Packed samples: which sample each position belongs to (-1: padding); None when no
     row holds more than one sample (plain causal attention)."""
 
+    def on_context_parallel_rank(self, cp_group) -> Batch:
+        """This context-parallel rank's share of the sequence: Megatron-Core's zigzag split
+        into 2 x CP chunks (rank r keeps chunks r and 2 CP - 1 - r, which balances causal
+        attention), [b, s / CP] each. Packed rows (segment_ids) are not split this way."""
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        if self.segment_ids is not None:
+            raise ValueError("packed sequences cannot be split over context-parallel ranks")
+        fields = {k: v for k, v in vars(self).items() if k != "segment_ids"}
+        split = get_batch_on_this_cp_rank(
+            {**fields, "cu_seqlens": None}, is_hybrid_cp=False, cp_group=cp_group
+        )
+        return Batch(**{k: split[k] for k in fields})
+
     def to(self, device: torch.device) -> Batch:
         return Batch(
             *(None if t is None else t.to(device, non_blocking=True) for t in vars(self).values())

@@ -180,6 +180,11 @@ def validate(cfg: TrainConfig, world_size: int, on_gpu: bool) -> int:
         "indexed pre-training data) or --mock-data (synthetic tokens)",
     )
     need(
+        cp == 1 or not (d.sft_data and d.packing),
+        f"packed SFT sequences are not split over context-parallel ranks (--context-parallel-"
+        f"size {cp}); pass --no-packing",
+    )
+    need(
         not (d.sft_data and cfg.logging.eval_interval)
         or d.valid_data
         or d.valid_fraction
@@ -464,6 +469,8 @@ def _loss_func(batch: Batch, chunk, sums: MetricSums, output_tensor):
 
 def _forward_step(device, sums, data_iterator, model):
     batch = next(data_iterator).to(device)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        batch = batch.on_context_parallel_rank(parallel_state.get_context_parallel_group())
     attention_mask, packed = None, None
     if batch.segment_ids is not None:  # packed samples: attention stays inside each
         if unwrap_model(model).config.transformer_impl == "transformer_engine":

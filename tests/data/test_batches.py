@@ -93,3 +93,28 @@ def test_shuffled_epochs_same_at_every_dp_size_and_resumable():
     # Resume mid-epoch (after 5 steps = 20 samples) continues without repeat or skip.
     assert _order(dp=2, steps=4, consumed=20) == one[20:]
     assert _order(dp=1, steps=9, seed=5) != one
+
+
+def _cp_worker(rank, world_size):
+    import torch.distributed as dist
+
+    from dft_megatron.data import Batch
+
+    group = dist.new_group(list(range(world_size)))
+    s = 8
+    ar = torch.arange(s).unsqueeze(0)
+    batch = Batch(ar, ar + 100, torch.ones(1, s), ar.clone(), loss_weight=ar.float())
+    mine = batch.on_context_parallel_rank(group)
+    # Zigzag over 2 x CP = 4 chunks of 2: rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and 2.
+    expect = [[0, 1, 6, 7], [2, 3, 4, 5]][rank]
+    assert mine.tokens.tolist() == [expect]
+    assert mine.labels.tolist() == [[t + 100 for t in expect]]
+    assert mine.position_ids.tolist() == [expect]
+    assert mine.loss_weight.tolist() == [[float(t) for t in expect]]
+    assert mine.segment_ids is None
+
+
+def test_context_parallel_split():
+    from tests.dist import spawn
+
+    spawn(_cp_worker, 2)

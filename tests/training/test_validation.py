@@ -193,3 +193,13 @@ def test_cli_prints_one_error_and_exits_2():
     assert (
         proc.stderr.count("error: --sequence-parallel needs --tensor-model-parallel-size > 1") == 1
     )
+
+
+def test_packing_with_context_parallel_is_refused_on_gpu():
+    cfg, _ = parse_args([*BASE[1:], "--sft-data", "a.jsonl", "--context-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="packed SFT sequences are not split over context"):
+        validate(cfg, 2, True)  # on a GPU: context parallelism itself is allowed
+    cfg, _ = parse_args(
+        [*BASE[1:], "--sft-data", "a.jsonl", "--context-parallel-size", "2", "--no-packing"]
+    )
+    assert validate(cfg, 2, True) == 1
