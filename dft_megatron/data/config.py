@@ -41,6 +41,9 @@ class DataConfig:
     """Hugging Face tokenizer folder. Default: the tokenizer stored with the --load
     checkpoint (its tokenizer/ folder)."""
 
+    tokenizer_type: str = "HuggingFaceTokenizer"
+    """Megatron-LM's --tokenizer-type; Hugging Face tokenizers are the one kind supported."""
+
     chat_template: str | None = None
     """Jinja chat template file to use instead of the tokenizer's own."""
 

@@ -45,6 +45,7 @@ CHOICES = {
     "loss_type": LOSS_TYPES,
     "data_format": DATA_FORMATS,
     "truncation": TRUNCATION,
+    "tokenizer_type": ("HuggingFaceTokenizer",),
 }
 
 GROUP_TITLES = {
