@@ -1,4 +1,5 @@
-"""A small byte-level BPE tokenizer with a ChatML chat template, trained on the spot."""
+"""A small byte-level BPE tokenizer (the library's trainer) with ChatML chat templates written
+out here, with and without generation markers, trained on the spot."""
 
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ CHATML_MARKED = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
 CORPUS = [
     "What is 2 + 3? 2 + 3 = 5. The answer is \\boxed{5}.",
     "Solve 4x + 2 = 10. Subtract 2: 4x = 8. Divide by 4: x = 2. \\boxed{2}",
@@ -37,26 +36,13 @@ CORPUS = [
 
 
 def make_tokenizer(path, template=CHATML):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The library's byte-level BPE trainer on CORPUS, with `template` as the chat template."""
+    from dft_megatron.data.tokenizer import save_chat_tokenizer, train_chat_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    fast.chat_template = template
-    fast.save_pretrained(str(path))
-    return fast
+    tok = train_chat_tokenizer(CORPUS, vocab_size=300)
+    tok.chat_template = template
+    save_chat_tokenizer(tok, path)
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """A tiny random-init Qwen2 model and a byte-level BPE tokenizer with a ChatML template.
 
-Built on the spot (no hub): the tokenizer is trained on a few strings with `tokenizers` and
-wrapped in `PreTrainedTokenizerFast`; the model is `Qwen2ForCausalLM` from a config (hidden
+Built on the spot (no hub): the tokenizer is the library's byte-level BPE trained on a few
+strings; the model is `Qwen2ForCausalLM` from a config (hidden
 32, 2 layers). Its weights are drawn with a large init range (0.5), so that greedy decoding
 has clear winners and does not flip on float rounding between batched and single runs.
 """
@@ -15,8 +15,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
 TRAINING_TEXT = [
     "What is one plus two? Please reason step by step, and put your final answer within.",
     "Question: How many sides does a triangle have? Answer: Let's think step by step.",
@@ -26,25 +24,11 @@ TRAINING_TEXT = [
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from dft_megatron.data.tokenizer import train_chat_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TRAINING_TEXT, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
-    )
+    tok = train_chat_tokenizer(TRAINING_TEXT, vocab_size=320)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
 
 
 def build_model(tokenizer, seed: int = 0):
