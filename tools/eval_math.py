@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         answer_key=args.answer_key,
         judge_workers=args.judge_workers,
     )
+    if args.model.startswith(("/", "./", "../", "~")) and not Path(args.model).is_dir():
+        print(f"error: --model {args.model}: no such folder", file=sys.stderr)
+        return 2
     try:
         config.validate()
         benchmarks = resolve_benchmarks(args.benchmarks)
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
         )
         results = run_evaluation(backend, benchmarks, args.output_dir, config)
-    except (ValueError, FileNotFoundError, ImportError, CacheMismatchError) as e:
+    except (ValueError, OSError, ImportError, CacheMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_results_table(results))

@@ -4,6 +4,7 @@ README is out of date)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,9 +24,12 @@ def with_reference(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    args = parser.parse_args(argv)
     text = README.read_text()
     new = with_reference(text)
-    if "--check" in argv:
+    if args.check:
         if new != text:
             print("README.md's flag reference is out of date: python tools/make_flag_reference.py")
             return 1

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 from tqdm import tqdm
@@ -82,4 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # JsonlFormatError is a ValueError: file:line, reason
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
