@@ -346,3 +346,34 @@ def test_eval_only_on_pretokenized_rows_gives_transformers_ce(work, tmp_path):
     (rec,) = run(tmp_path, "eval", 2, flags)
     assert rec["tokens"] == BATCH * SEQ
     assert rec["ce_loss"] == pytest.approx(float(ce_ref), rel=1e-5)
+
+
+def _train_pp2_tied_worker(rank, world_size, save):
+    from dft_megatron.training.arguments import parse_args
+    from dft_megatron.training.trainer import train
+
+    flags = [f for f in TRAIN if f != "--untie-embeddings-and-output-weights"]
+    flags[flags.index("llama")] = "qwen2"
+    flags[flags.index("--tensor-model-parallel-size") + 1] = "1"
+    flags += ["--add-qkv-bias", "--pipeline-model-parallel-size", "2", "--save", save]
+    cfg, given = parse_args(flags)
+    train(cfg, given)
+
+
+def _export_worker(rank, world_size, work: str, out: str):
+    w = Path(work)
+    argv = ["--megatron-dir", str(w / "pp2"), "--hf-dir", str(w / out), "--verify"]
+    (w / f"{out}.rc").write_text(str(_tool("convert_megatron_to_hf")(argv)))
+
+
+def test_pipeline_parallel_tied_checkpoint_exports(tmp_path):
+    """A qwen2 checkpoint saved at PP 2 with tied embeddings (the output layer on the last
+    stage shares the first stage's embedding) exports and passes --verify."""
+    spawn(_train_pp2_tied_worker, 2, str(tmp_path / "pp2"))
+    save_tokenizer(tmp_path / "pp2" / "tokenizer")
+    spawn(_export_worker, 1, str(tmp_path), "hf")
+    assert (tmp_path / "hf.rc").read_text() == "0"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"]
+    meta = json.loads((tmp_path / "pp2" / "iter_0000002" / "dft_megatron.json").read_text())
+    assert meta["pipeline_model_parallel_size"] == 2
