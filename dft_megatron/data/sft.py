@@ -286,20 +286,24 @@ def prepare_sft_rows(
     return datasets.load_from_disk(str(done / "samples")), stats
 
 
+def _column(samples, name: str):
+    """One column as a pyarrow array, through the dataset's own indexing (a selected subset
+    has an indices mapping that the underlying table does not apply)."""
+    return samples.select_columns([name]).with_format("arrow")[:][name]
+
+
 def _column_sum(samples, name: str) -> int:
     import pyarrow.compute as pc
 
-    return int(pc.sum(samples.select_columns([name]).with_format("arrow")[:][name]).as_py() or 0)
+    return int(pc.sum(_column(samples, name)).as_py() or 0)
 
 
 def _lengths(samples) -> np.ndarray:
     """Positions each sample fills (tokens - 1)."""
     import pyarrow.compute as pc
 
-    # Through the dataset's own indexing: a selected subset has an indices mapping that the
-    # underlying table does not apply.
-    column = samples.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
-    return np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False)) - 1
+    lengths = pc.list_value_length(_column(samples, "input_ids"))
+    return np.asarray(lengths.to_numpy(zero_copy_only=False)) - 1
 
 
 class SFTDataset:

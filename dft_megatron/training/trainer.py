@@ -221,25 +221,21 @@ def resolve_tokenizer(cfg: TrainConfig, info, given: set[str]):
 def _rank0_first(build):
     """Run `build` on global rank 0 (which fills the data cache), then on the other ranks
     (which read it); an error on rank 0 stops every rank."""
-    rank = dist.get_rank()
-    result, failure = None, [None]
-    if rank == 0:
+    if dist.get_world_size() == 1:
+        return build()
+    result, error = None, None
+    if dist.get_rank() == 0:
         try:
             result = build()
         except Exception as e:
-            failure = [f"{type(e).__name__}: {e}"]
-            if dist.get_world_size() == 1:
-                raise
-            dist.broadcast_object_list(failure, src=0)
-            raise
-    if dist.get_world_size() > 1:
-        if rank != 0:
-            dist.broadcast_object_list(failure, src=0)
-            if failure[0] is not None:
-                raise DataError(f"data preparation failed on rank 0: {failure[0]}")
-            return build()
-        dist.broadcast_object_list(failure, src=0)
-    return result
+            error = e
+    failure = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise DataError(f"data preparation failed on rank 0: {failure[0]}")
+    return result if dist.get_rank() == 0 else build()
 
 
 class _Prefix:
