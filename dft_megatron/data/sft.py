@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dft_megatron.data import formats
-from dft_megatron.data.config import DataConfig
+from dft_megatron.data.config import DataConfig, split_paths
 from dft_megatron.data.packing import assemble, pack
 from dft_megatron.data.sources import SOURCE, DataError, decode_row, load_rows
 
@@ -377,7 +377,6 @@ def build_sft_datasets(
     """(train, validation, the training data's stats) from --sft-data and --valid-data /
     --valid-fraction. With `eval_only` and no validation data, --sft-data is the
     validation set (train is None)."""
-    from dft_megatron.data.config import split_paths
 
     pad_id = _pad_id(tokenizer)
     samples, stats = prepare_sft_rows(
