@@ -15,7 +15,7 @@ import sys
 
 from dft_megatron.data import DataConfig, DataError, build_sft_datasets, load_tokenizer
 from dft_megatron.data.inspect import dump_jsonl, render_sequence
-from dft_megatron.training.arguments import add_fields
+from dft_megatron.utils.flags import add_fields
 from dft_megatron.utils.logging import setup_logging
 
 SKIP = {"mock_data", "data_path", "split", "valid_data", "valid_fraction"}

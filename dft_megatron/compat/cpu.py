@@ -520,7 +520,8 @@ def install_cpu_bridge(force: bool = False) -> bool:
             _bridge_torch_norm_sequence_parallel(),
         ]
         _active = True
-    logger.info("Megatron-Core CPU bridge installed:\n  %s", "\n  ".join(pieces))
+    logger.info("Megatron-Core CPU bridge: %d patch groups (details at DEBUG level)", len(pieces))
+    logger.debug("Megatron-Core CPU bridge:\n  %s", "\n  ".join(pieces))
     return True
 
 

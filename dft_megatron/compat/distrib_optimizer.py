@@ -114,7 +114,7 @@ def install_distributed_optimizer_fixes(force: bool = False) -> bool:
         if not (force or not distrib_optimizer.HAVE_APEX_OR_TE):
             return False
         _summary = _apply()
-    logger.info("Megatron-Core distributed optimizer on torch AdamW: fixed %s", _summary)
+    logger.debug("Megatron-Core distributed optimizer on torch AdamW: fixed %s", _summary)
     return True
 
 

@@ -1,10 +1,11 @@
-"""What both conversion directions share: the one-process Megatron-Core set-up, the TP1 x PP1
-model, output folders, tokenizer files and dtypes.
+"""What both conversion directions share: the one-process Megatron-LM session with the TP1 x
+PP1 model, output folders, tokenizer files and dtypes.
 
 Conversion runs in one CPU process: a gloo world of 1, TP1 x PP1, Megatron-Core's local layer
-spec. The checkpoint's global (sharded) keys are the same at every layout, so the TP1 x PP1
-model reads and writes checkpoints of any TP x PP, and its keys are those of the
-Transformer Engine spec too (the local spec maps its norm keys).
+spec, the model built by the trainer's own model provider from Megatron-LM flags. The
+checkpoint's global (sharded) keys are the same at every layout, so the TP1 x PP1 model reads
+and writes checkpoints of any TP x PP, and its keys are those of the Transformer Engine spec
+too (the local spec maps its norm keys).
 """
 
 from __future__ import annotations
@@ -16,14 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from dft_megatron.compat import install_cpu_bridge
+from dft_megatron.checkpoint import megatron_session
 from dft_megatron.convert.families import ConversionError
-from dft_megatron.loss import TokenWeighting
-from dft_megatron.models import ModelConfig, PrecisionConfig, build_gpt_model, transformer_config
 from dft_megatron.models.gpt import DFTGPTModel
 
 logger = logging.getLogger(__name__)
@@ -50,68 +46,50 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-@contextmanager
-def single_process(seed: int = 1234) -> Iterator[None]:
-    """Megatron-Core ready in this process: gloo world of 1, TP1 x PP1, RNG tracker seeded.
+# The dtype of the saved weights as Megatron-LM's precision flag.
+DTYPE_FLAGS = {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"], torch.float32: []}
 
-    Re-entrant: whatever the caller has already set up (a world of 1, TP1 x PP1) is used and
-    left in place; what this call creates it tears down.
+
+@contextmanager
+def megatron_model(
+    flags: list[str], dtype: torch.dtype, *, initialize: bool = False, **overrides
+) -> Iterator[tuple[object, list[torch.nn.Module], DFTGPTModel]]:
+    """The model that Megatron-LM `flags` describe, built as training builds it, whole (TP1 x
+    PP1) on CPU with `dtype` parameters, in eval mode, inside a one-process Megatron-LM
+    session (dft_megatron.checkpoint.megatron_session). Yields (args, the model chunks that
+    Megatron-LM's save/load take, the DFTGPTModel itself).
+
+    initialize=False leaves the weights uninitialized (Megatron-LM's --no-initialization): for
+    a model whose every element is written next (an import), it skips a random init of it.
     """
     if torch.cuda.is_available():
         raise RuntimeError(
             "conversion runs on CPU (memory-bound, one process); hide the GPUs with "
             "CUDA_VISIBLE_DEVICES= (tools/convert_*.py do)"
         )
-    from dft_megatron.training.trainer import initialize_distributed
+    from megatron.core.enums import ModelType
+    from megatron.core.utils import unwrap_model
+    from megatron.training import training
 
-    install_cpu_bridge()
-    made_world = not dist.is_initialized()
-    if made_world:
-        initialize_distributed()
-    made_layout = False
-    try:
-        if dist.get_world_size() != 1:
-            raise RuntimeError(
-                f"conversion runs in one process; this one is rank {dist.get_rank()} of "
-                f"{dist.get_world_size()}: launch it with python, not torchrun"
-            )
-        if parallel_state.model_parallel_is_initialized():
-            tp = parallel_state.get_tensor_model_parallel_world_size()
-            pp = parallel_state.get_pipeline_model_parallel_world_size()
-            if (tp, pp) != (1, 1):
-                raise RuntimeError(f"conversion needs TP1 x PP1, model parallel is TP{tp} x PP{pp}")
-        else:
-            parallel_state.initialize_model_parallel(1, 1)
-            made_layout = True
-            model_parallel_cuda_manual_seed(seed)
-        yield
-    finally:
-        if made_layout:
-            parallel_state.destroy_model_parallel()
-        if made_world:
-            dist.destroy_process_group()
+    from dft_megatron.models.provider import model_provider
 
-
-def build_model(model: ModelConfig, dtype: torch.dtype, *, initialize: bool = False) -> DFTGPTModel:
-    """The whole model at TP1 x PP1 on CPU with `dtype` parameters, in eval mode.
-
-    initialize=False leaves the weights uninitialized (torch.empty): for a model whose every
-    element is written next (an import), it skips a random init of the whole model.
-    """
-    precision = PrecisionConfig(
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, transformer_impl="local"
-    )
-    tcfg = transformer_config(
-        model, precision, transformer_impl="local", use_cpu_initialization=True
-    )
-    tcfg.perform_initialization = initialize
-    net = build_gpt_model(
-        model, tcfg, loss_weighting=TokenWeighting("sft"), pre_process=True, post_process=True
-    )
-    net.collect_stats = False
-    # Norm weights are created in fp32 whatever params_dtype; the trainer's Float16Module casts
-    # the whole module, so its bf16/fp16 checkpoints hold every tensor in that dtype: so here.
-    return net.to(dtype).eval()
+    argv = [
+        *flags,
+        *DTYPE_FLAGS[dtype],
+        "--use-cpu-initialization",
+        "--micro-batch-size=1",
+        "--loss-type=sft",
+        "--ckpt-format=torch_dist",
+        *([] if initialize else ["--no-initialization"]),
+    ]
+    with megatron_session(argv, training=False, **overrides) as args:
+        # training.get_model looked up now: the CPU bridge wraps it.
+        chunks = training.get_model(
+            model_provider, ModelType.encoder_or_decoder, wrap_with_ddp=False
+        )
+        for chunk in chunks:
+            chunk.eval()
+        yield args, chunks, unwrap_model(chunks[0])
 
 
 def parameters(net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,18 +1,19 @@
-"""Hugging Face folder -> a dft_megatron checkpoint (Megatron-Core torch_dist), streaming.
+"""Hugging Face folder -> a Megatron-LM checkpoint (torch_dist), streaming.
 
 1. Read config.json (transformers' AutoConfig) into a ModelConfig, refusing what the mapping
    cannot express (families.hf_to_model_config).
 2. Read the safetensors headers only (one file, or the shards an index lists) and check them
    against the mapping: a missing tensor, a tensor of the wrong shape or one the mapping
    does not know is refused, naming it, before any weight is read.
-3. Build the model at TP1 x PP1 on CPU, uninitialized, in the target dtype, and copy every
-   HF tensor into its block (families.TensorMap), one tensor at a time from the memory-mapped
-   files; padded vocabulary rows are zeroed.
-4. Save it with the trainer's own `checkpointing.save_checkpoint` (iteration 0, no optimizer):
-   OUT/latest_checkpointed_iteration.txt, OUT/iter_0000000/ with dft_megatron.json (the
-   architecture), so `--load OUT --finetune` and `--eval-only` need no model flags and load
+3. Build the model at TP1 x PP1 on CPU, uninitialized, in the target dtype, in a one-process
+   Megatron-LM session with the model's Megatron-LM flags (checkpoint.model_flags), and copy
+   every HF tensor into its block (families.TensorMap), one tensor at a time from the
+   memory-mapped files; padded vocabulary rows are zeroed.
+4. Save it with Megatron-LM's own `save_checkpoint` as a release checkpoint (weights and
+   args, no optimizer): OUT/latest_checkpointed_iteration.txt ("release"), OUT/release/, so
+   `--load OUT` (with or without --finetune) and `--eval-only` need no model flags and load
    at any TP x PP whose sizes divide the heads, query groups, layers and padded vocabulary.
-   The tokenizer files go to OUT/tokenizer/ (checkpointing.tokenizer_dir).
+   The tokenizer files go to OUT/tokenizer/, which the stored args name.
 
 Memory: one copy of the model in the target dtype plus the HF tensor being copied (the
 files are memory-mapped, so their pages are the kernel's to drop).
@@ -28,14 +29,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dft_megatron.checkpoint import TOKENIZER_DIR, model_flags, save_release
 from dft_megatron.convert.common import (
     DTYPES,
-    build_model,
     copy_tokenizer_files,
     dtype_name,
+    megatron_model,
     parameters,
     prepare_output,
-    single_process,
 )
 from dft_megatron.convert.families import (
     ConversionError,
@@ -46,13 +47,11 @@ from dft_megatron.convert.families import (
     tensor_maps,
 )
 from dft_megatron.models import ModelConfig
-from dft_megatron.training import checkpointing
 
 logger = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-CHECKPOINT_ITERATION = 0
 
 
 def read_hf_config(hf_dir: str | Path):
@@ -228,25 +227,20 @@ def convert_hf_to_megatron(
         model.padded_vocab_size,
         dtype_name(target),
     )
-    with single_process():
-        net = build_model(model, target)
+    copied_tokenizer = copy_tokenizer_files(hf_dir, out / TOKENIZER_DIR)
+    tokenizer_flags = (
+        [f"--tokenizer-model={out / TOKENIZER_DIR}"]
+        if "tokenizer_config.json" in copied_tokenizer
+        else ["--tokenizer-type=NullTokenizer"]
+    )
+    flags = [*model_flags(model), *tokenizer_flags, f"--save={out}", "--save-interval=1"]
+    with megatron_model(flags, target, padded_vocab_size=model.padded_vocab_size) as (
+        _,
+        chunks,
+        net,
+    ):
         copied = load_hf_weights(plan, net)
-        path = checkpointing.save_checkpoint(
-            str(out),
-            CHECKPOINT_ITERATION,
-            0,
-            [net],
-            None,
-            None,
-            model,
-            {
-                "converted_from": str(hf_dir.resolve()),
-                "dtype": dtype_name(target),
-                "tensors": copied,
-                "skipped": plan.skipped,
-            },
-        )
-        del net
-    copy_tokenizer_files(hf_dir, out / checkpointing.TOKENIZER_DIR)
+        path = save_release(chunks, out)
+        del net, chunks
     logger.info("wrote %s (%d tensors)", path, copied)
     return path

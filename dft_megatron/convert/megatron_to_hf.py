@@ -1,9 +1,11 @@
-"""A dft_megatron checkpoint -> a Hugging Face folder, streaming.
+"""A Megatron-LM checkpoint -> a Hugging Face folder, streaming.
 
-Any checkpoint the trainer (or the import) wrote: any TP x PP, with or without optimizer
-state, the latest or a given iteration. The weights are loaded at TP1 x PP1 on CPU
-(`dist_checkpointing` reshards; optimizer, scheduler and RNG states are not read), in the
-dtype they were saved in. Then every Hugging Face tensor is cut out of its Megatron-Core
+Any torch_dist checkpoint the trainer, the import or plain Megatron-LM wrote: any TP x PP,
+with or without optimizer state, the latest or a given iteration (Megatron-LM's
+--ckpt-step). The architecture comes from the args stored in it; the weights are loaded at
+TP1 x PP1 on CPU with Megatron-LM's `load_checkpoint` (`dist_checkpointing` reshards;
+optimizer, scheduler and RNG states are not read), in the dtype they were saved in. Then
+every Hugging Face tensor is cut out of its Megatron-Core
 block (families.TensorMap; padded vocabulary rows dropped) and written, shard by shard, into
 safetensors files of at most `max_shard_size` bytes: one `model.safetensors`, or
 `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, as transformers'
@@ -24,13 +26,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dft_megatron.checkpoint import (
+    checkpoint_dir,
+    checkpoint_root,
+    has_checkpoint,
+    load_weights,
+    model_config_from_args,
+    stored_tokenizer,
+)
 from dft_megatron.convert.common import (
-    build_model,
     copy_tokenizer_files,
     dtype_name,
+    megatron_model,
     parameters,
     prepare_output,
-    single_process,
 )
 from dft_megatron.convert.families import (
     ConversionError,
@@ -39,7 +48,6 @@ from dft_megatron.convert.families import (
     model_config_to_hf,
     tensor_maps,
 )
-from dft_megatron.training import checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +69,45 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def resolve_checkpoint(megatron_dir: str | Path, iteration: int | None) -> Path:
-    """The iter_NNNNNNN folder: `iteration` of the save folder, or the one --load would pick."""
-    if iteration is None:
-        return checkpointing.resolve(str(megatron_dir))
-    path = checkpointing.iteration_dir(megatron_dir, iteration)
-    if not (path / checkpointing.METADATA).is_file():
-        found = sorted(p.name for p in Path(megatron_dir).glob("iter_*"))
+def resolve_checkpoint(megatron_dir: str | Path, iteration: int | None) -> tuple[Path, Path]:
+    """(save directory, checkpoint folder): `iteration` of the save directory, or the one its
+    tracker names (what --load picks); a path to an iter_NNNNNNN / release folder is itself."""
+    root = checkpoint_root(megatron_dir)
+    if root is None or not has_checkpoint(root):
         raise FileNotFoundError(
-            f"--iteration {iteration}: {path} is not a complete checkpoint; "
-            f"{megatron_dir} holds {', '.join(found) or 'none'}"
+            f"{megatron_dir}: not a Megatron-LM save directory (no "
+            "latest_checkpointed_iteration.txt); give the folder passed to --save"
         )
-    return path
+    given = Path(megatron_dir)
+    if iteration is None:
+        path = given if given != root else checkpoint_dir(root)
+    else:
+        path = root / f"iter_{iteration:07d}"
+    if not (path / "metadata.json").is_file():
+        found = sorted(p.name for p in root.iterdir() if p.name.startswith(("iter_", "release")))
+        raise FileNotFoundError(
+            f"{path} is not a complete torch_dist checkpoint; {root} holds "
+            f"{', '.join(found) or 'none'}"
+        )
+    return root, path
+
+
+def session_vocab_size(args) -> int:
+    """The vocabulary of the model the session's args built (see models.provider)."""
+    from megatron.training import get_tokenizer
+
+    from dft_megatron.models.provider import model_vocab_size
+
+    return model_vocab_size(args, get_tokenizer().vocab_size)
+
+
+def load_flags(root: Path, path: Path) -> list[str]:
+    """Megatron-LM flags that load checkpoint folder `path` of save directory `root`, weights
+    only, with the architecture from its args."""
+    flags = [f"--load={root}", "--use-checkpoint-args", "--no-load-optim", "--no-load-rng"]
+    if path.name.startswith("iter_"):
+        flags.append(f"--ckpt-step={int(path.name.removeprefix('iter_'))}")
+    return flags
 
 
 def saved_dtype(path: Path) -> torch.dtype:
@@ -82,7 +117,7 @@ def saved_dtype(path: Path) -> torch.dtype:
     meta = dist_checkpointing.load_tensors_metadata(str(path))
     key = "embedding.word_embeddings.weight"
     if key not in meta:
-        raise ConversionError(f"{path}: no tensor {key}; not a GPT checkpoint of dft_megatron")
+        raise ConversionError(f"{path}: no tensor {key}; not a GPT checkpoint")
     return meta[key].dtype
 
 
@@ -155,29 +190,28 @@ def convert_megatron_to_hf(
     max_shard_size: str | int = "5GB",
 ) -> Path:
     """Export a checkpoint of `megatron_dir` (latest, or `iteration`) to `hf_dir`; returns it."""
-    path = resolve_checkpoint(megatron_dir, iteration)
-    info = checkpointing.read_info(path)
-    tokenizer = checkpointing.tokenizer_dir(path)
-    hf_config = model_config_to_hf(info.model, **_token_ids(tokenizer))
+    root, path = resolve_checkpoint(megatron_dir, iteration)
+    tokenizer = stored_tokenizer(root)
     max_bytes = parse_size(max_shard_size)
-    out = prepare_output(hf_dir, force, source=path.parent)
+    out = prepare_output(hf_dir, force, source=root)
     dtype = saved_dtype(path)
-    logger.info(
-        "%s: iteration %d, saved at TP%d x PP%d%s, %s",
-        path,
-        info.iteration,
-        info.tensor_model_parallel_size,
-        info.pipeline_model_parallel_size,
-        " with optimizer state (not read)" if info.has_optimizer else "",
-        dtype_name(dtype),
-    )
-    with single_process():
-        net = build_model(info.model, dtype)
-        checkpointing.load_checkpoint(info, [net], load_rng=False)
+    with megatron_model(load_flags(root, path), dtype) as (args, chunks, net):
+        loaded = load_weights(chunks)
+        model = model_config_from_args(args, vocab_size=session_vocab_size(args))
+        logger.info(
+            "%s: iteration %d, trained at TP%d x PP%d, %s, %s layout",
+            path,
+            loaded,
+            getattr(args, "checkpoint_tensor_model_parallel_size", 0) or 1,
+            getattr(args, "checkpoint_pipeline_model_parallel_size", 0) or 1,
+            dtype_name(dtype),
+            model.family,
+        )
+        hf_config = model_config_to_hf(model, **_token_ids(tokenizer))
         params = parameters(net)
-        check_coverage(info.model, params)
-        files = write_hf_weights(tensor_maps(info.model), params, out, max_bytes)
-        del net, params
+        check_coverage(model, params)
+        files = write_hf_weights(tensor_maps(model), params, out, max_bytes)
+        del net, params, chunks
     hf_config.dtype = dtype
     hf_config.save_pretrained(out)
     copy_tokenizer_files(tokenizer, out)

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dft_megatron.convert.common import build_model, single_process
-from dft_megatron.training import checkpointing
+from dft_megatron.checkpoint import load_weights, model_config_from_args
+from dft_megatron.convert.common import megatron_model
+from dft_megatron.convert.megatron_to_hf import load_flags, resolve_checkpoint, session_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,27 @@ def megatron_logits(
     checkpoint: str | Path, tokens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [b, s, V] fp32 over the real vocabulary, per-token CE [b, s]) of a checkpoint's
-    model at TP1 x PP1 in fp32."""
-    info = checkpointing.read_info(checkpointing.resolve(str(checkpoint)))
+    model at TP1 x PP1 in fp32, loaded as training loads it."""
+    root, path = resolve_checkpoint(checkpoint, None)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1]).expand_as(inputs)
-    with single_process():
-        net = build_model(info.model, torch.float32)
-        checkpointing.load_checkpoint(info, [net], load_rng=False)
+    with megatron_model(load_flags(root, path), torch.float32) as (args, chunks, net):
+        load_weights(chunks)
+        vocab = session_vocab_size(args)
         with torch.no_grad():
-            logits = net(inputs, positions, None)[..., : info.model.vocab_size].clone()
+            logits = net(inputs, positions, None)[..., :vocab].clone()
             ce = net(inputs, positions, None, labels=labels)
-        del net
+        del net, chunks
     return logits, ce
+
+
+def checkpoint_vocab_size(checkpoint: str | Path) -> int:
+    """The vocabulary of a checkpoint's model, from its stored args."""
+    from megatron.core import dist_checkpointing
+
+    _, path = resolve_checkpoint(checkpoint, None)
+    args = dist_checkpointing.load_common_state_dict(str(path))["args"]
+    return model_config_from_args(args).vocab_size
 
 
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -125,8 +135,7 @@ def verify_conversion(
     seed: int = 1234,
 ) -> LogitsComparison:
     """Run both models (one after the other, so at most one fp32 copy is held) and compare."""
-    info = checkpointing.read_info(checkpointing.resolve(str(checkpoint)))
-    tokens = random_tokens(info.model.vocab_size, batch_size, seq_length, seed)
+    tokens = random_tokens(checkpoint_vocab_size(checkpoint), batch_size, seq_length, seed)
     logits_m, ce_m = megatron_logits(checkpoint, tokens)
     gc.collect()
     logits_h = hf_logits(hf_dir, tokens)

@@ -1,15 +1,12 @@
-"""From a map-style dataset to this rank's micro-batches of one global batch.
+"""Samples -> micro-batches, and the order in which Megatron-LM's sampler reads them.
 
-Global batch k holds samples [k * G, (k + 1) * G) of the dataset (G = global batch
-size; the dataset's own order, shuffled or not, is its business). Data-parallel rank r
-takes the r-th contiguous slice of G / DP samples and cuts it into micro-batches, so the
-set of samples in a step and the token-mean loss over it are the same at every layout.
-Resuming from `consumed_samples` continues with the next global batch. Past the end of
-the dataset the sampler wraps to the start (training epochs) or, with `wrap=False` (one
-evaluation pass), fills the last global batch with samples that carry no loss. With a
-`shuffle_seed`, epoch e reads the dataset in the order of a permutation seeded by
-(seed, e): global sample g is dataset[perm_e[g mod n]], e = g // n. It depends on g only,
-so every DP size and every resume point sees the same sequence of samples.
+Megatron-LM's trainer reads a map-style dataset through its sequential sampler: global
+batch k holds global samples [k * G, (k + 1) * G) (G = global batch size), split over the
+data-parallel ranks micro-batch by micro-batch; resuming from `consumed_samples` continues
+with the next global batch. `EpochShuffled` makes that global index the product of a
+per-epoch shuffle of the SFT sequences, so the same samples form the same global batches at
+every layout. Its data loader collates samples into a dict of [b, s] tensors, which
+`from_stacked` turns into a `Batch`.
 """
 
 from __future__ import annotations
@@ -63,91 +60,69 @@ class Batch:
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
-    """Samples -> one Batch. A sample is either {"tokens": [s + 1], "loss_mask": [s]} (labels
-    are the tokens shifted by one) or a packed sequence from SFTDataset with explicit
-    "labels", "position_ids", "loss_weight" and "segment_ids", [s] each."""
-    loss_mask = torch.stack([s["loss_mask"] for s in samples]).float()
-    if "labels" not in samples[0]:
-        tokens = torch.stack([s["tokens"] for s in samples])
+    """Samples -> one Batch (see `from_stacked`)."""
+    return from_stacked({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+
+
+def from_stacked(fields: dict[str, torch.Tensor]) -> Batch:
+    """A micro-batch as a data loader collates it -> Batch. Either {"tokens": [b, s + 1],
+    "loss_mask": [b, s]} (labels are the tokens shifted by one: mock and pre-training data) or
+    packed sequences from SFTDataset with explicit "labels", "position_ids", "loss_weight"
+    and "segment_ids", [b, s] each."""
+    loss_mask = fields["loss_mask"].float()
+    if "labels" not in fields:
+        tokens = fields["tokens"]
         b, s1 = tokens.shape
-        position_ids = torch.arange(s1 - 1).unsqueeze(0).expand(b, s1 - 1)
+        position_ids = torch.arange(s1 - 1, device=tokens.device).unsqueeze(0).expand(b, s1 - 1)
         return Batch(
             tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), loss_mask, position_ids
         )
-
-    def stack(key):
-        return torch.stack([s[key] for s in samples])
-
-    segment_ids = stack("segment_ids")
-    weight = stack("loss_weight")
+    segment_ids = fields["segment_ids"]
+    weight = fields["loss_weight"]
     return Batch(
-        stack("tokens"),
-        stack("labels"),
+        fields["tokens"],
+        fields["labels"],
         loss_mask,
-        stack("position_ids"),
+        fields["position_ids"],
         loss_weight=None if bool((weight[loss_mask > 0] == 1).all()) else weight,
         # One sample per row (or none): causal attention already keeps the padding apart.
         segment_ids=segment_ids if int(segment_ids.max()) > 0 else None,
     )
 
 
-class GlobalBatchSampler:
-    """This DP rank's micro-batches of each global batch, in order."""
+class EpochShuffled:
+    """`epochs` passes over `dataset`, each in its own seeded order, as one map-style dataset.
 
-    def __init__(
-        self,
-        dataset,
-        global_batch_size: int,
-        micro_batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        consumed_samples: int = 0,
-        wrap: bool = True,
-        shuffle_seed: int | None = None,
-    ):
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"--global-batch-size ({global_batch_size}) must be a multiple of "
-                f"--micro-batch-size ({micro_batch_size}) x data-parallel size ({dp_size})"
-            )
+    Item g is dataset[perm_e[g mod n]] with e = g // n and perm_e a permutation seeded by
+    (seed, e). It depends on g only, so Megatron-LM's sequential sampler (which hands global
+    sample indices to the DP ranks) gives the same global batches at every DP size, every
+    sample once per epoch, and an exact continuation from `consumed_samples` on resume.
+    With `seed=None` the epochs read the dataset in its own order.
+    """
+
+    def __init__(self, dataset, num_samples: int, seed: int | None):
+        if len(dataset) == 0:
+            raise ValueError("no samples to train on")
         self.dataset = dataset
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.consumed_samples = consumed_samples
-        self.wrap = wrap
-        self.shuffle_seed = shuffle_seed
-        self._epoch_order: tuple[int, torch.Tensor] | None = None
+        self.seed = seed
+        self.epochs = max(1, -(-num_samples // len(dataset)))
+        self._order: tuple[int, torch.Tensor] | None = None
 
-    @property
-    def num_microbatches(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+    def __len__(self) -> int:
+        return self.epochs * len(self.dataset)
 
-    def next_global_batch(self) -> list[Batch]:
-        """The micro-batches of the next global batch for this rank; advances the count."""
-        per_rank = self.global_batch_size // self.dp_size
-        start = self.consumed_samples + self.dp_rank * per_rank
-        self.consumed_samples += self.global_batch_size
-        samples = [self._sample(start + i) for i in range(per_rank)]
-        mbs = self.micro_batch_size
-        return [collate(samples[j : j + mbs]) for j in range(0, per_rank, mbs)]
-
-    def _sample(self, index: int) -> dict[str, torch.Tensor]:
+    def position(self, index: int) -> int:
+        """The dataset position of global sample `index`."""
         n = len(self.dataset)
-        if index < n or self.wrap:
-            return self.dataset[self._position(index, n)]
-        # Past the end of a single pass: a filler that carries no loss.
-        filler = dict(self.dataset[0])
-        filler["loss_mask"] = torch.zeros_like(filler["loss_mask"])
-        return filler
-
-    def _position(self, index: int, n: int) -> int:
-        """Dataset position of global sample `index` (see the module docstring)."""
-        if self.shuffle_seed is None:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range [0, {len(self)})")
+        if self.seed is None:
             return index % n
         epoch = index // n
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            gen = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + epoch)
-            self._epoch_order = (epoch, torch.randperm(n, generator=gen))
-        return int(self._epoch_order[1][index % n])
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(n, generator=gen))
+        return int(self._order[1][index % n])
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.position(index)]

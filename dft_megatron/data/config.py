@@ -86,7 +86,8 @@ class DataConfig:
     """Where tokenized data is cached (default ~/.cache/dft_megatron/data)."""
 
     num_workers: int = 1
-    """Processes that tokenize the data."""
+    """Processes that tokenize the SFT data (flag --preprocess-workers; Megatron-LM's
+    --num-workers is the data loader's)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the flag if the options contradict each other."""

@@ -1,245 +1,410 @@
-"""Megatron-LM style command line (and `--config FILE.yaml`) -> `TrainConfig`.
+"""Megatron-LM's command line plus dft_megatron's own flags.
 
-Every field of the config dataclasses is one flag, named as Megatron-LM names it
-(`tensor_model_parallel_size` -> `--tensor-model-parallel-size`); its help text is the
-docstring under the field, so the dataclasses are the one place a flag is described.
-A YAML file given with `--config` holds any of them (keys spelled as flags, with or
-without the dashes, or as field names); flags on the command line override the file.
+`parse_megatron_args(argv)` is Megatron-LM's `parse_and_validate_args` with DFT plugged in:
+Megatron-LM's parser (every one of its flags, with its meaning and default) extended by
+`add_dft_arguments` (the loss, the SFT data, the metrics file, --eval-only), then the few
+things a DFT user's run needs before Megatron-LM validates it:
 
-`parse_args` returns the config and the set of field names the user set explicitly, so
-the trainer can tell model flags that were given from defaults when it reads the
-architecture stored in a checkpoint.
+- a tokenizer: `--tokenizer-model` defaults to the tokenizer stored with the `--load`
+  checkpoint (SAVE/tokenizer, written by the converters and by training), `--tokenizer-type`
+  to HuggingFaceTokenizer when there is a tokenizer folder and to NullTokenizer for
+  `--mock-data` with `--vocab-size`;
+- `--use-checkpoint-args` is implied by a `--load` checkpoint when no model flag was given
+  (a converted model needs no model flags: its args are stored in it);
+- `--eval-only`: Megatron-LM's `--skip-train` with `--full-validation` (every validation
+  sample once);
+- refusals of what cannot run here, each one line naming the flag and the fix
+  (`refusals`), before Megatron-LM's asserts would give a traceback.
+
+On a machine without a GPU the defaults of the CUDA-only features change (`cpu_defaults`):
+gloo, the local layer spec, no persistent layer norm, no gradient-accumulation, RoPE,
+bias-activation or masked-softmax fusion, no data-loader worker processes. A flag given on
+the command line still wins (and is refused with a reason if it cannot work on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import functools
-import inspect
-import textwrap
-import types
-import typing
+import os
+import sys
+from pathlib import Path
 
-import yaml
+import torch
 
-from dft_megatron.data.config import DATA_FORMATS, TRUNCATION
-from dft_megatron.loss.weights import LOSS_TYPES
+from dft_megatron.checkpoint.paths import has_checkpoint, stored_tokenizer
+from dft_megatron.data.config import DATA_FORMATS, TRUNCATION, DataConfig
+from dft_megatron.loss.weights import LOSS_TYPES, TokenWeighting
 from dft_megatron.models.config import FAMILIES
-from dft_megatron.models.gpt import TRANSFORMER_IMPLS
-from dft_megatron.training.config import TrainConfig
+from dft_megatron.utils.flags import add_fields
 
-# Flags whose Megatron-LM spelling inverts the field (store_false).
-INVERTED = {"add_bias_linear": "disable-bias-linear", "packing": "no-packing"}
-
-CHOICES = {
-    "family": FAMILIES,
-    "position_embedding_type": ("rope", "learned_absolute"),
-    "normalization": ("LayerNorm", "RMSNorm"),
-    "lr_decay_style": ("constant", "linear", "cosine"),
-    "fp8_format": ("e4m3", "hybrid"),
-    "fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
-    "fp8_amax_compute_algo": ("most_recent", "max"),
-    "transformer_impl": TRANSFORMER_IMPLS,
-    "loss_type": LOSS_TYPES,
-    "data_format": DATA_FORMATS,
-    "truncation": TRUNCATION,
-    "tokenizer_type": ("HuggingFaceTokenizer",),
+# DataConfig fields that are Megatron-LM flags already (same meaning): not added again.
+_MEGATRON_DATA_FLAGS = {
+    "mock_data": "mock_data",
+    "data_path": "data_path",
+    "split": "split",
+    "eod_mask_loss": "eod_mask_loss",
+    "tokenizer_model": "tokenizer_model",
+    "tokenizer_type": "tokenizer_type",
+    "chat_template": "chat_template",
+    "data_cache_dir": "data_cache_path",
 }
 
-GROUP_TITLES = {
-    "model": "model architecture",
-    "precision": "precision",
-    "parallel": "parallelism",
-    "optim": "optimization",
-    "loss": "loss",
-    "checkpoint": "checkpoints",
-    "logging": "logging and evaluation",
-    "data": "data",
+# Model flags whose presence means "the user describes the architecture" (no implied
+# --use-checkpoint-args).
+_MODEL_FLAGS = ("--num-layers", "--hidden-size", "--num-attention-heads")
+
+
+STORED_MODEL_ARGS = {
+    "layernorm_epsilon": "--norm-epsilon",
+    "use_rope_scaling": "--use-rope-scaling",
+    "rope_scaling_factor": "--rope-scaling-factor",
+    "qk_layernorm": "--qk-layernorm",
+    "vocab_size": "--vocab-size",
+    "model_family": "--model-family",
 }
+"""Architecture args a checkpoint stores that Megatron-LM's --use-checkpoint-args does not
+restore, with their flags."""
+
+NEVER = 1 << 62
+"""--eval-interval when none is given: no validation during or after training."""
 
 
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """{field name: the docstring right under it} for a dataclass, read from its source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+class ArgumentError(ValueError):
+    """A flag or combination that cannot run; the message names the flag and the fix."""
 
 
-def _scalar_type(cls: type, f: dataclasses.Field) -> type:
-    """The field's type without None; list[str] fields (several values) give `list`."""
-    hint = typing.get_type_hints(cls)[f.name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if typing.get_origin(hint) is list:
-        return list
-    return hint
-
-
-def _sections() -> list[tuple[str, type]]:
-    """[(TrainConfig field, its dataclass)] in declaration order."""
-    hints = typing.get_type_hints(TrainConfig)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
-
-
-def flag_table() -> dict[str, tuple[str, str, type]]:
-    """{flag without dashes: (section, field name, field type)} for every config field."""
-    table = {}
-    for section, cls in _sections():
-        for f in dataclasses.fields(cls):
-            flag = INVERTED.get(f.name, f.name.replace("_", "-"))
-            table[flag] = (section, f.name, _scalar_type(cls, f))
-    return table
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dft_megatron.train",
-        description="DFT (or SFT) training of GPT-family models on Megatron-Core. "
-        "Launch with torchrun; flags are Megatron-LM's.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,
+def add_dft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM `extra_args_provider`: dft_megatron's flags."""
+    g = parser.add_argument_group("DFT loss (dft_megatron)")
+    g.add_argument(
+        "--loss-type",
+        choices=LOSS_TYPES,
+        default="dft",
+        help="dft: cross-entropy weighted by the stop-gradient of the target probability "
+        "(Wu et al., 2025); sft: plain cross-entropy, identical to Megatron-LM's",
     )
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="YAML file of flags (keys as flag names); command-line flags override it",
+    for name, doc in (
+        ("dft_min_prob", "Floor c on the DFT weight: w = max(p ** alpha, c), in [0, 1]"),
+        ("dft_alpha", "Power on the target probability in the DFT weight, >= 0"),
+        ("sft_mix", "Blend with SFT: w = mix + (1 - mix) * w_dft, in [0, 1]"),
+    ):
+        default = getattr(TokenWeighting(), name)
+        g.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=default,
+            help=f"{doc} (default {default})",
+        )
+
+    g.add_argument(
+        "--model-family",
+        choices=FAMILIES,
+        default=None,
+        help="the Hugging Face layout of the model (set by the converter and stored in the "
+        "checkpoint's args; export infers it from the layout when absent)",
     )
-    for section, cls in _sections():
-        add_fields(parser.add_argument_group(GROUP_TITLES[section]), cls)
+
+    g = parser.add_argument_group("DFT logging and evaluation (dft_megatron)")
+    g.add_argument(
+        "--log-metrics-jsonl",
+        metavar="PATH",
+        default=None,
+        help="append one JSON object per logged iteration and per validation to PATH: "
+        "loss, CE, mean target p, entropy, p-regime fractions, the p histogram, lr, grad norm",
+    )
+    g.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="no training: evaluate the --load checkpoint (Megatron-LM's --skip-train); with "
+        "SFT data one pass over every validation sample (or every --sft-data sample when no "
+        "validation data is given), logged at the checkpoint's iteration",
+    )
+
+    g = parser.add_argument_group(
+        "SFT data (dft_megatron; with Megatron-LM's --tokenizer-model, --chat-template, "
+        "--data-cache-path, --seq-length)"
+    )
+    add_fields(
+        g,
+        DataConfig,
+        only={f for f in DataConfig.__dataclass_fields__ if f not in _MEGATRON_DATA_FLAGS},
+        choices={"data_format": DATA_FORMATS, "truncation": TRUNCATION},
+        renamed={"num_workers": "preprocess-workers"},
+    )
+    g.add_argument(
+        "--train-epochs",
+        type=float,
+        default=None,
+        help="with --sft-data: train this many passes over the training sequences instead "
+        "of --train-iters (set to ceil(epochs x sequences / global batch size))",
+    )
     return parser
 
 
-def add_fields(group, cls: type, only: set[str] | None = None) -> None:
-    """One flag per field of the dataclass `cls` (or of the fields named in `only`)."""
-    docs = field_docs(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        help_text = docs.get(f.name, "")
-        kind = _scalar_type(cls, f)
-        default = getattr(defaults, f.name)
-        if f.name in INVERTED:
-            group.add_argument(
-                "--" + INVERTED[f.name],
-                dest=f.name,
-                action="store_false",
-                help=f"turn off: {help_text}",
-            )
-        elif kind is bool:
-            group.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                action="store_true",
-                help=help_text,
-            )
-        elif kind is list:
-            group.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                nargs="+",
-                metavar="VALUE",
-                help=f"{help_text} (default: {default})",
-            )
-        else:
-            group.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                type=kind,
-                choices=CHOICES.get(f.name),
-                metavar=None if f.name in CHOICES else kind.__name__.upper(),
-                help=f"{help_text} (default: {default})",
-            )
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The DataConfig of a parsed command line."""
+    values = {f: getattr(args, f) for f in DataConfig.__dataclass_fields__ if hasattr(args, f)}
+    for field, dest in _MEGATRON_DATA_FLAGS.items():
+        values[field] = getattr(args, dest)
+    values["num_workers"] = args.preprocess_workers
+    values["tokenizer_type"] = values["tokenizer_type"] or "HuggingFaceTokenizer"
+    return DataConfig(**values)
 
 
-def _read_yaml(path: str, table: dict) -> dict[str, object]:
+def token_weighting(args: argparse.Namespace) -> TokenWeighting:
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise SystemExit(f"error: --config {path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise SystemExit(f"error: --config {path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: --config {path}: expected a mapping of flag: value")
-    by_field = {name: flag for flag, (_, name, _) in table.items()}
-    values = {}
-    for key, value in data.items():
-        flag = str(key).lstrip("-").replace("_", "-")
-        if flag not in table:
-            flag = by_field.get(str(key).lstrip("-"), flag)
-        if flag not in table:
-            raise SystemExit(
-                f"error: --config {path}: unknown key {key!r}; keys are the trainer's flags "
-                "(see --help)"
-            )
-        section, name, kind = table[flag]
-        if flag in INVERTED.values():
-            value = not value
-        elif kind is list and value is not None:
-            value = [str(v) for v in value] if isinstance(value, list) else str(value).split()
-        elif value is not None and kind is not bool:
-            value = kind(value)
-        values[name] = value
-    return values
+        return TokenWeighting(args.loss_type, args.dft_min_prob, args.dft_alpha, args.sft_mix)
+    except ValueError as e:
+        raise ArgumentError(f"--loss-type/--dft-*/--sft-mix: {e}") from None
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
-    """(config, names of the fields set by --config or on the command line)."""
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    table = flag_table()
-    given = {}
-    config_file = args.pop("config", None)
-    if config_file is not None:
-        given.update(_read_yaml(config_file, table))
-    given.update(args)
-    return config_from_values(given), set(given)
+def on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("DFT_MEGATRON_CPU") == "1"
 
 
-def config_from_values(values: dict[str, object]) -> TrainConfig:
-    """A TrainConfig with `values` ({field name: value}) over the defaults."""
-    sections = {}
-    for section, cls in _sections():
-        names = {f.name for f in dataclasses.fields(cls)}
-        sections[section] = cls(**{k: v for k, v in values.items() if k in names})
-    return TrainConfig(**sections)
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE build that cannot load its CUDA libraries
+        return False
+    return True
 
 
-def flag_reference() -> str:
-    """The trainer's flags as Markdown tables, one per group, from the parser itself (the
-    README's flag reference; tools/make_flag_reference.py writes it, a test compares)."""
-    parser = build_parser()
+def cpu_defaults() -> dict:
+    """Defaults that differ from Megatron-LM's on a machine without a GPU."""
+    return dict(
+        distributed_backend="gloo",
+        transformer_impl="local",
+        no_persist_layer_norm=True,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_gelu_fusion=False,
+        bias_swiglu_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        num_workers=0,
+    )
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
+    """What cannot run with these flags here, one line each (flag, reason, what to do).
+    `training=False` (a conversion session) leaves out the checks of the training data."""
     out = []
-    for group in parser._action_groups:  # argparse keeps no public list of its groups
-        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
-        if not actions:
-            continue
-        title = group.title if group.title not in ("options", "optional arguments") else "general"
-        out += [f"**{title}**", "", "| flag | value | description |", "|---|---|---|"]
-        for a in actions:
-            if a.nargs == 0:
-                value = "switch"
-            elif a.choices:
-                value = " \\| ".join(f"`{c}`" for c in a.choices)
-            elif a.nargs == "+":
-                value = "one or more"
-            else:
-                value = (a.metavar or a.dest).lower()
-            text = (a.help or "").replace("|", "\\|")
-            out.append(f"| `{a.option_strings[0]}` | {value} | {text} |")
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+    cpu = on_cpu()
+    if cpu:
+        if args.fp8 is not None:
+            out.append(
+                f"--fp8-format {args.fp8}: FP8 needs Transformer Engine on a GPU with FP8 tensor "
+                "cores (Ada, Hopper, Blackwell); drop it on CPU (FP8 never falls back to bf16)"
+            )
+        if args.transformer_impl == "transformer_engine":
+            out.append(
+                "--transformer-impl transformer_engine needs a CUDA GPU; use the default "
+                "(local) on CPU"
+            )
+        if args.distributed_backend == "nccl":
+            out.append("--distributed-backend nccl needs GPUs; use gloo on CPU (the default)")
+        if args.context_parallel_size > 1:
+            out.append(
+                f"--context-parallel-size {args.context_parallel_size} needs Transformer "
+                "Engine attention on a GPU; Megatron-Core's local attention (CPU) takes 1"
+            )
+        for flag, on in (
+            ("--overlap-grad-reduce", args.overlap_grad_reduce),
+            ("--overlap-param-gather", args.overlap_param_gather),
+            ("--tp-comm-overlap", args.tp_comm_overlap),
+        ):
+            if on:
+                out.append(f"{flag} overlaps communication on CUDA streams; drop it on CPU")
+        if args.profile and not args.use_pytorch_profiler:
+            out.append(
+                "--profile drives Nsight Systems (CUDA); on CPU add --use-pytorch-profiler "
+                "(a torch.profiler trace in --tensorboard-dir) or drop --profile"
+            )
+        if args.layernorm_zero_centered_gamma:
+            out.append(
+                "--apply-layernorm-1p (zero-centered gamma) needs Transformer Engine or apex "
+                "norms; the local spec's torch norms refuse it: drop it on CPU"
+            )
+        if getattr(args, "cuda_graph_impl", "none") != "none":
+            out.append(f"--cuda-graph-impl {args.cuda_graph_impl} needs CUDA; drop it on CPU")
+        if args.moe_grouped_gemm:
+            out.append("--moe-grouped-gemm needs Transformer Engine's grouped GEMM; drop it on CPU")
+    elif args.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        out.append(
+            "--transformer-impl transformer_engine (Megatron-LM's default) needs Transformer "
+            "Engine, which is not importable here: run in the NGC PyTorch container or pass "
+            "--transformer-impl local"
+        )
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        out.append(
+            "--overlap-param-gather needs --overlap-grad-reduce (Megatron-LM's rule); add it"
+        )
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        out.append("--overlap-param-gather needs --use-distributed-optimizer; add it")
+    if not training:
+        return out
+    sources = [
+        f
+        for f, on in (
+            ("--sft-data", args.sft_data),
+            ("--data-path", args.data_path),
+            ("--mock-data", args.mock_data),
+        )
+        if on
+    ]
+    if len(sources) > 1:
+        out.append(f"{' and '.join(sources)} exclude each other; give one")
+    if not sources and not args.eval_only:
+        out.append(
+            "no training data: give --sft-data FILE (SFT rows), --data-path PREFIX (Megatron "
+            "indexed data) or --mock-data (synthetic tokens)"
+        )
+    if args.sft_data and args.context_parallel_size > 1 and args.packing:
+        out.append(
+            f"packed SFT sequences are not split over context-parallel ranks "
+            f"(--context-parallel-size {args.context_parallel_size}); pass --no-packing"
+        )
+    if args.train_epochs is not None and not args.sft_data:
+        out.append(
+            "--train-epochs needs --sft-data (for --data-path and --mock-data give "
+            "--train-iters or --train-samples)"
+        )
+    if args.eval_only and not args.load:
+        out.append("--eval-only evaluates a checkpoint: give --load DIR")
+    if args.sft_data and args.eval_interval and not (args.valid_data or args.valid_fraction):
+        out.append(
+            "--eval-interval needs validation data: give --valid-data FILE or --valid-fraction F"
+        )
+    try:
+        data_config(args).validate()
+    except ValueError as e:
+        out.append(str(e))
+    try:
+        token_weighting(args)
+    except ArgumentError as e:
+        out.append(str(e))
+    return out
+
+
+def _fill_tokenizer(args: argparse.Namespace) -> None:
+    if args.tokenizer_model is None:
+        stored = stored_tokenizer(args.load)
+        if stored is not None:
+            args.tokenizer_model = str(stored)
+    if args.tokenizer_type is None:
+        if args.tokenizer_model is not None:
+            args.tokenizer_type = "HuggingFaceTokenizer"
+        elif args.vocab_size is not None:
+            args.tokenizer_type = "NullTokenizer"
+
+
+def _read_chat_template(args: argparse.Namespace) -> None:
+    """Megatron-LM's --chat-template is the template itself; a path to a file is read too."""
+    value = args.chat_template
+    if value and "{" not in value and Path(value).is_file():
+        args.chat_template = Path(value).read_text(encoding="utf-8")
+
+
+def parse_megatron_args(
+    argv: list[str] | None = None, training: bool = True, **overrides
+) -> argparse.Namespace:
+    """Megatron-LM's parse + validate with DFT's flags; sets Megatron-LM's global args.
+
+    `overrides` are set on the args after parsing (before the checkpoint's args and
+    validation). Exits with status 2 and one line per problem when the flags cannot run here.
+    """
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_global_variables
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def provider(parser):
+        add_dft_arguments(parser)
+        # DFT's objective is the global token mean over loss tokens (see training/step.py).
+        parser.set_defaults(calculate_per_token_loss=True)
+        if on_cpu():
+            parser.set_defaults(**cpu_defaults())
+        elif not transformer_engine_available():
+            parser.set_defaults(transformer_impl="local")
+        return parser
+
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]  # Megatron-LM's parser reads sys.argv
+    try:
+        args = parse_args(provider)
+    finally:
+        sys.argv = saved
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    _read_chat_template(args)
+    if args.eval_only:
+        # Not Megatron-LM's --full-validation (0.19.2 crashes on a single validation set):
+        # the entry sizes --eval-iters to one pass and pads the last batch with no-loss samples.
+        args.skip_train = True
+        if args.train_iters is None and args.train_samples is None:
+            args.train_iters = 0
+    elif args.eval_interval is None:
+        # Megatron-LM needs an interval to size the validation data; without one there is no
+        # validation at all (not even Megatron-LM's --eval-iters batches at the end).
+        args.eval_interval, args.eval_iters = NEVER, 0
+    if (
+        has_checkpoint(args.load)
+        and not args.use_checkpoint_args
+        and not any(_given(argv, f) for f in _MODEL_FLAGS)
+    ):
+        args.use_checkpoint_args = True
+    problems = refusals(args, training)
+    if problems:
+        fail(problems)
+    if args.use_checkpoint_args:
+        from megatron.training.checkpointing import load_args_from_checkpoint
+
+        if not has_checkpoint(args.load):
+            fail([f"--use-checkpoint-args: --load {args.load} holds no checkpoint"])
+        loaded = load_args_from_checkpoint(args)
+        stored = loaded[1] if isinstance(loaded, tuple) else None
+        # Megatron-LM's load_args_from_checkpoint leaves these at the command line's values
+        # (defaults): a Llama-3.2 or Qwen checkpoint would lose its RoPE scaling and norm
+        # epsilon. Restored unless given, with the model's own vocabulary (rows a converted
+        # model has beyond its tokenizer's are real) and its Hugging Face family.
+        for key, flag in STORED_MODEL_ARGS.items():
+            if stored is not None and hasattr(stored, key) and not _given(argv, flag):
+                setattr(args, key, getattr(stored, key))
+        if not _given(argv, "--tokenizer-model") and stored_tokenizer(args.load) is not None:
+            args.tokenizer_model = str(stored_tokenizer(args.load))  # where it is now
+    _fill_tokenizer(args)
+    if args.tokenizer_type is None:
+        fail(
+            [
+                "no tokenizer: give --tokenizer-model DIR (a Hugging Face tokenizer folder), "
+                "--load a checkpoint that carries one, or --vocab-size N with --mock-data"
+            ]
+        )
+    try:
+        validate_args(args, {})
+    except AssertionError as e:
+        fail([f"Megatron-LM's argument check failed: {_assertion(e)}"])
+    set_global_variables(args)
+    return args
+
+
+def _assertion(e: AssertionError) -> str:
+    """An assert's message, or (Megatron-LM has bare ones) the asserting line itself."""
+    import traceback
+
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    where = f"{Path(frame.filename).name}:{frame.lineno}: {frame.line}"
+    return f"{e} ({where})" if str(e) else where
+
+
+def fail(problems: list[str]) -> None:
+    """Print every problem on one line (rank 0) and exit with status 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)  # noqa: T201
+    raise SystemExit(2)

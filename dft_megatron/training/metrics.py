@@ -1,18 +1,24 @@
-"""Per-step training metrics: reduced over ranks, logged to console, TensorBoard and JSON lines.
+"""DFT's metrics in Megatron-LM's trainer: the target-probability histogram and the JSONL.
 
-Every micro-batch's loss function (on the last pipeline stage) adds masked sums to a
-`MetricSums`; after the step one SUM all-reduce over the whole world (non-contributing
-ranks add zeros) gives every rank the global numbers, so rank 0 can log them. Nothing
-here holds per-token tensors past the micro-batch.
+Megatron-LM's own iteration line, TensorBoard scalars and validation line carry the
+averages that `loss_func` reports (training/step.py). What they cannot carry is added here:
+every micro-batch's loss function (on the last pipeline stage) adds masked sums of the
+per-token loss and statistics to `DFTMetrics`; once per iteration Megatron-LM's
+`training_log` runs on every rank, and `install_hooks` makes it also, on logged iterations,
+SUM all-reduce those sums over the world (the ranks that computed no loss add zeros), write
+the p histogram (20 bins over [0, 1]: the paper's Figure 2 view) to Megatron-LM's
+TensorBoard writer, append the iteration's record to `--log-metrics-jsonl` and print the
+progress line with the ETA; validation (`evaluate_and_print_results`) the same with its own
+sums. Nothing here holds per-token tensors past the micro-batch.
 
 Target-probability regimes: the fractions of target tokens with p < 0.01, 0.01-0.5,
 0.5-0.99 and > 0.99 show whether DFT's base model puts mass on the targets (DFT
-polarizes p: tokens it cannot learn sink below 0.01); the histogram (20 equal bins over
-[0, 1]) is the paper's Figure 2 view.
+polarizes p: tokens it cannot learn sink below 0.01).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,7 +31,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 REGIME_EDGES = (0.01, 0.5, 0.99)
-REGIME_NAMES = ("p_lt_0.01", "p_0.01_0.5", "p_0.5_0.99", "p_gt_0.99")
+REGIME_NAMES = ("p<0.01", "p 0.01-0.5", "p 0.5-0.99", "p>0.99")
 HIST_BINS = 20
 _SCALARS = ("loss", "ce_loss", "target_prob", "entropy", "tokens")
 _WIDTH = len(_SCALARS) + len(REGIME_NAMES) + HIST_BINS
@@ -93,125 +99,143 @@ class MetricSums:
         return self.values[5 + len(REGIME_NAMES) :].tolist()
 
 
-class MetricsLogger:
-    """Console lines, TensorBoard and JSON lines; writes on global rank 0 only."""
+class DFTMetrics:
+    """Per-iteration sums of the training micro-batches and per-evaluation sums of the
+    validation ones, and where they are written (global rank world - 1, Megatron-LM's
+    logging rank, which holds its TensorBoard writer)."""
 
-    def __init__(self, total_iters: int, tensorboard_dir: str | None, jsonl_path: str | None):
-        self.total_iters = total_iters
-        self.enabled = dist.get_rank() == 0
+    def __init__(self, jsonl_path: str | None, train_iters: int):
+        self.train = MetricSums()
+        self.valid = MetricSums()
+        self.jsonl_path = jsonl_path
+        self.train_iters = train_iters
         self.start = time.monotonic()
-        self.writer = None
-        self.jsonl = None
-        if not self.enabled:
+        self.start_iteration: int | None = None
+
+    def add(self, loss, stats, mask, *, training: bool) -> None:
+        (self.train if training else self.valid).add(loss, stats, mask)
+
+    @staticmethod
+    def is_logging_rank() -> bool:
+        return dist.get_rank() == dist.get_world_size() - 1
+
+    def _write(self, record: dict) -> None:
+        if self.jsonl_path and self.is_logging_rank():
+            Path(self.jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_train(self, iteration: int, lr, grad_norm, skipped: bool, log: bool) -> None:
+        """After iteration `iteration` (every rank): reduce and write on logged iterations."""
+        if self.start_iteration is None:
+            self.start_iteration = iteration - 1
+        sums, self.train = self.train, MetricSums()
+        if not log:
             return
-        if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(tensorboard_dir)
-        if jsonl_path:
-            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(jsonl_path, "a")  # noqa: SIM115 (closed in close())
-
-    def log_train(
-        self,
-        iteration: int,
-        sums: MetricSums,
-        *,
-        lr: float,
-        grad_norm: float | None,
-        step_seconds: float,
-        tokens_per_step: int,
-        iters_done_this_run: int,
-    ) -> dict:
+        device = _device()
+        sums.all_reduce(device)
+        if not self.is_logging_rank():
+            return
         record = {"iteration": iteration, **sums.summary()}
         record.update(
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens_per_s=tokens_per_step / step_seconds if step_seconds > 0 else math.nan,
-            step_s=step_seconds,
+            lr=None if lr is None else float(lr),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            skipped=bool(skipped),
         )
-        if not self.enabled:
-            return record
+        record["p_histogram"] = sums.histogram()
+        self._write(record)
+        _histogram("train/target_prob", sums, iteration)
         elapsed = time.monotonic() - self.start
-        remaining = self.total_iters - iteration
-        eta = elapsed / max(iters_done_this_run, 1) * remaining
-        gn = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+        done = max(iteration - self.start_iteration, 1)
+        eta = elapsed / done * max(self.train_iters - iteration, 0)
         logger.info(
-            "iteration %d/%d | loss %.5f | ce %.4f | p %.3f | entropy %.3f | lr %.3e | "
-            "grad norm %s | %.0f tokens/s | elapsed %s | ETA %s",
+            "[dft] iteration %d/%d | loss %.5f | ce %.4f | p %.3f | p<0.01 %.3f | p>0.99 %.3f | "
+            "elapsed %s | ETA %s",
             iteration,
-            self.total_iters,
+            self.train_iters,
             record["loss"],
             record["ce_loss"],
             record["target_prob_mean"],
-            record["entropy"],
-            lr,
-            gn,
-            record["tokens_per_s"],
+            record["p<0.01"],
+            record["p>0.99"],
             _hms(elapsed),
             _hms(eta),
         )
-        if self.writer is not None:
-            for key in ("loss", "ce_loss", "target_prob_mean", "entropy", *REGIME_NAMES):
-                self.writer.add_scalar(f"train/{key}", record[key], iteration)
-            self.writer.add_scalar("train/lr", lr, iteration)
-            if grad_norm is not None:
-                self.writer.add_scalar("train/grad_norm", grad_norm, iteration)
-            self.writer.add_scalar("train/tokens_per_s", record["tokens_per_s"], iteration)
-            self._histogram("train/target_prob", sums, iteration)
-        self._write_jsonl(record)
-        return record
 
-    def log_eval(self, iteration: int, sums: MetricSums, *, full_pass: bool) -> dict:
+    def log_valid(self, iteration: int, full_pass: bool) -> None:
+        sums, self.valid = self.valid, MetricSums()
+        sums.all_reduce(_device())
+        if not self.is_logging_rank():
+            return
         record = {"iteration": iteration, "split": "valid", "full_pass": full_pass}
         record.update(sums.summary())
-        if not self.enabled:
-            return record
-        logger.info(
-            "validation at iteration %d | loss %.5f | ce %.4f | p %.3f | %d tokens",
-            iteration,
-            record["loss"],
-            record["ce_loss"],
-            record["target_prob_mean"],
-            record["tokens"],
-        )
-        if self.writer is not None:
-            for key in ("loss", "ce_loss", "target_prob_mean", *REGIME_NAMES):
-                self.writer.add_scalar(f"valid/{key}", record[key], iteration)
-            self._histogram("valid/target_prob", sums, iteration)
-        self._write_jsonl(record)
-        return record
+        record["p_histogram"] = sums.histogram()
+        self._write(record)
+        _histogram("valid/target_prob", sums, iteration)
 
-    def _histogram(self, tag: str, sums: MetricSums, iteration: int) -> None:
-        counts = sums.histogram()
-        total = sum(counts)
-        if not total:
-            return
-        centers = [(i + 0.5) / HIST_BINS for i in range(HIST_BINS)]
-        self.writer.add_histogram_raw(
-            tag,
-            min=0.0,
-            max=1.0,
-            num=total,
-            sum=sum(c * x for c, x in zip(counts, centers, strict=True)),
-            sum_squares=sum(c * x * x for c, x in zip(counts, centers, strict=True)),
-            bucket_limits=[(i + 1) / HIST_BINS for i in range(HIST_BINS)],
-            bucket_counts=counts,
-            global_step=iteration,
-        )
 
-    def _write_jsonl(self, record: dict) -> None:
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
+def _device() -> torch.device:
+    from dft_megatron.compat import cpu_bridge_active
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+    if cpu_bridge_active() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _histogram(tag: str, sums: MetricSums, iteration: int) -> None:
+    from megatron.training.global_vars import get_tensorboard_writer
+
+    writer = get_tensorboard_writer()
+    counts = sums.histogram()
+    total = sum(counts)
+    if writer is None or not total:
+        return
+    centers = [(i + 0.5) / HIST_BINS for i in range(HIST_BINS)]
+    writer.add_histogram_raw(
+        tag,
+        min=0.0,
+        max=1.0,
+        num=total,
+        sum=sum(c * x for c, x in zip(counts, centers, strict=True)),
+        sum_squares=sum(c * x * x for c, x in zip(counts, centers, strict=True)),
+        bucket_limits=[(i + 1) / HIST_BINS for i in range(HIST_BINS)],
+        bucket_counts=counts,
+        global_step=iteration,
+    )
+
+
+def install_hooks(metrics: DFTMetrics) -> None:
+    """Make Megatron-LM's `training_log` and `evaluate_and_print_results` (module functions
+    of megatron/training/training.py, called by name from `train` and `pretrain`) also write
+    `metrics`. Their own output is unchanged."""
+    from megatron.training import get_args
+    from megatron.training import training as mt
+
+    training_log = getattr(mt.training_log, "__wrapped__", mt.training_log)
+    evaluate = getattr(mt.evaluate_and_print_results, "__wrapped__", mt.evaluate_and_print_results)
+
+    @functools.wraps(training_log)
+    def training_log_with_dft(loss_dict, total_loss_dict, learning_rate, iteration, *a, **kw):
+        out = training_log(loss_dict, total_loss_dict, learning_rate, iteration, *a, **kw)
+        skipped = a[2] if len(a) > 2 else kw.get("skipped_iter", 0)
+        grad_norm = a[3] if len(a) > 3 else kw.get("grad_norm")
+        log = iteration % get_args().log_interval == 0
+        metrics.log_train(iteration, learning_rate, grad_norm, bool(skipped), log)
+        return out
+
+    @functools.wraps(evaluate)
+    def evaluate_with_dft(prefix, forward_step_func, data_iterator, model, iteration, *a, **kw):
+        metrics.valid = MetricSums()
+        out = evaluate(prefix, forward_step_func, data_iterator, model, iteration, *a, **kw)
+        metrics.log_valid(iteration, full_pass=bool(get_args().eval_only))
+        return out
+
+    mt.training_log = training_log_with_dft
+    mt.evaluate_and_print_results = evaluate_with_dft
 
 
 def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,147 @@
+"""`torchrun ... -m dft_megatron.train [Megatron-LM flags]`: Megatron-LM's trainer with DFT.
+
+The counterpart of Megatron-LM's `pretrain_gpt.py`, in the megatron-core wheel's convention:
+`parse_megatron_args` (Megatron-LM's parser and validation plus DFT's flags) ->
+`pretrain_cfg_container_from_args` -> `megatron.training.pretrain(cfg, datasets provider,
+ModelType.encoder_or_decoder, forward_step, model_provider=...)`. Everything else (the
+training loop, checkpoints, schedules, logging, signal handling, exit-duration, NaN checks)
+is Megatron-LM's.
+
+Before `pretrain`: the CPU bridge where there is no GPU (dft_megatron/compat), the process
+group (Megatron-LM's initialization finds it and goes on), the SFT data (its size sets
+--train-epochs' iteration count), the tokenizer copied into --save/tokenizer (so a
+checkpoint carries it to the converters and to --eval-only), DFT's metrics hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dft_megatron.data.sources import DataError
+from dft_megatron.utils.logging import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def _init_process_group(args) -> None:
+    if dist.is_initialized():
+        return
+    if args.distributed_backend == "nccl":
+        torch.cuda.set_device(args.local_rank)
+    dist.init_process_group(
+        backend=args.distributed_backend,
+        world_size=args.world_size,
+        rank=args.rank,
+        timeout=timedelta(minutes=args.distributed_timeout_minutes),
+    )
+
+
+def _store_tokenizer(args, tokenizer) -> None:
+    """--save/tokenizer: the run's Hugging Face tokenizer, once (an existing one is kept)."""
+    if not (args.save and tokenizer is not None and dist.get_rank() == 0):
+        return
+    target = Path(args.save) / "tokenizer"
+    if (target / "tokenizer_config.json").is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(".tokenizer.incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    os.replace(tmp, target)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Parse, prepare and call Megatron-LM's `pretrain` (raises on bad input)."""
+    from dft_megatron.compat.megatron_training import (
+        install_megatron_training_cpu_bridge,
+        install_megatron_training_fixes,
+    )
+
+    install_megatron_training_fixes()
+    install_megatron_training_cpu_bridge()
+    from dft_megatron.compat import install_distributed_optimizer_fixes
+
+    install_distributed_optimizer_fixes()
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from dft_megatron.data.provider import DatasetsProvider
+    from dft_megatron.data.sft import load_tokenizer
+    from dft_megatron.models.provider import model_provider
+    from dft_megatron.training.arguments import data_config, parse_megatron_args
+    from dft_megatron.training.metrics import DFTMetrics, install_hooks
+    from dft_megatron.training.step import forward_step
+
+    args = parse_megatron_args(argv)
+    _init_process_group(args)
+    cfg = data_config(args)
+    hf_tokenizer = None
+    if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model:
+        hf_tokenizer = load_tokenizer(args.tokenizer_model, args.chat_template)
+    from megatron.training import get_tokenizer
+
+    provider = DatasetsProvider(args, cfg, hf_tokenizer, get_tokenizer().vocab_size)
+    if args.train_epochs is not None:
+        train, _ = provider.prepare()
+        args.train_iters = math.ceil(args.train_epochs * len(train) / args.global_batch_size)
+        if dist.get_rank() == 0:
+            logger.info(
+                "--train-epochs %g: %d iterations of %d sequences",
+                args.train_epochs,
+                args.train_iters,
+                args.global_batch_size,
+            )
+    if args.eval_only and cfg.sft_data:
+        _, valid = provider.prepare()
+        args.eval_iters = math.ceil(len(valid) / args.global_batch_size)  # one pass
+    _store_tokenizer(args, hf_tokenizer)
+    metrics = DFTMetrics(args.log_metrics_jsonl, args.train_iters or 0)
+    install_hooks(metrics)
+    with _quiet_warnings():
+        cfg_container = pretrain_cfg_container_from_args(args)
+    pretrain(
+        cfg_container,
+        provider,
+        ModelType.encoder_or_decoder,
+        partial(forward_step, metrics, args.check_for_nan_in_loss_and_grad),
+        model_provider=model_provider,
+    )
+
+
+class _quiet_warnings:  # noqa: N801 (a context manager used as a statement)
+    """Warnings Megatron-LM gives every plug-in entry that has no ModelConfig class."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        run(argv)
+    except (DataError, FileNotFoundError) as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)  # noqa: T201
+        return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,98 @@
+"""forward_step and loss_func for Megatron-LM's trainer (the shape of `pretrain_gpt.py`'s).
+
+`forward_step(data_iterator, model)` reads one micro-batch (every rank reads its own copy
+through Megatron-LM's sampler; context-parallel ranks keep their zigzag share), builds the
+attention for packed samples (a block-diagonal causal mask on the local spec, THD
+`PackedSeqParams` on Transformer Engine), runs the model with labels and returns
+`(per-token loss [b, s], partial(loss_func, ...))`.
+
+`loss_func` returns Megatron-LM's per-token-loss triple `(loss sum, target-token count,
+report)`: with `--calculate-per-token-loss` (on by default here) the trainer divides the
+gradients by the token count of the whole global batch, over micro-batches and DP x CP, so
+the objective is the global token mean of the (sample-weighted) DFT loss whatever the
+layout. The report holds [sum, count] pairs that Megatron-LM averages over the global
+batch and prints in its iteration line: "lm loss" (the loss optimized: DFT's), "ce loss",
+"target p", "entropy" and the four target-probability regimes. The same per-token values go
+into `DFTMetrics` (histogram, metrics JSONL; see training/metrics.py).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
+
+from dft_megatron.data.batches import Batch, from_stacked
+from dft_megatron.data.packing import block_causal_mask, packed_seq_params
+from dft_megatron.training.metrics import REGIME_EDGES, REGIME_NAMES, DFTMetrics
+
+
+def get_batch(data_iterator, device: torch.device) -> Batch:
+    batch = from_stacked(next(data_iterator)).to(device)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        batch = batch.on_context_parallel_rank(parallel_state.get_context_parallel_group())
+    return batch
+
+
+def loss_func(batch: Batch, model, metrics: DFTMetrics | None, check_nan: bool, output_tensor):
+    """Micro-batch loss sum, token count and report (see the module docstring)."""
+    mask = batch.loss_mask.float()
+    loss = output_tensor.float()
+    if batch.loss_weight is not None:
+        loss = loss * batch.loss_weight
+    loss_sum = (loss * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    if check_nan:
+        from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+        get_rerun_state_machine().validate_result(
+            result=loss_sum,
+            rejection_func=torch.isnan,
+            message="found NaN in local forward loss calculation",
+            tolerance=0.0,
+            fatal=True,
+        )
+    stats = unwrap_model(model).last_loss_stats
+    m = mask.bool()
+    count = num_tokens.float().view(1)
+
+    def pair(total: torch.Tensor) -> torch.Tensor:
+        return torch.cat([total.detach().float().view(1), count])
+
+    p = stats.target_prob[m]
+    regimes = torch.bucketize(p, torch.tensor(REGIME_EDGES, device=p.device, dtype=p.dtype))
+    report = {
+        "lm loss": pair(loss_sum),
+        "ce loss": pair(stats.cross_entropy[m].sum()),
+        "target p": pair(p.sum()),
+        "entropy": pair(stats.entropy[m].sum()),
+    }
+    counts = torch.bincount(regimes, minlength=len(REGIME_NAMES)).float()
+    for name, c in zip(REGIME_NAMES, counts, strict=True):
+        report[name] = pair(c)
+    # One copy per DP x CP rank (TP ranks hold the same values): the world SUM is the total.
+    if metrics is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        metrics.add(loss, stats, mask, training=unwrap_model(model).training)
+    return loss_sum, num_tokens, report
+
+
+def forward_step(metrics: DFTMetrics | None, check_nan: bool, data_iterator, model):
+    """`pretrain(forward_step_func=partial(forward_step, metrics, check_nan))`."""
+    device = next(model.parameters()).device
+    batch = get_batch(data_iterator, device)
+    attention_mask, packed = None, None
+    if batch.segment_ids is not None:  # packed samples: attention stays inside each
+        if unwrap_model(model).config.transformer_impl == "transformer_engine":
+            packed = packed_seq_params(batch.segment_ids)
+        else:
+            attention_mask = block_causal_mask(batch.segment_ids)
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        attention_mask,
+        labels=batch.labels,
+        packed_seq_params=packed,
+    )  # [b, s] per-token loss on the last stage, hidden states elsewhere
+    return output, partial(loss_func, batch, model, metrics, check_nan)
