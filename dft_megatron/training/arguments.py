@@ -232,6 +232,12 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
             )
         if getattr(args, "cuda_graph_impl", "none") != "none":
             out.append(f"--cuda-graph-impl {args.cuda_graph_impl} needs CUDA; drop it on CPU")
+        backend = getattr(args.attention_backend, "name", str(args.attention_backend))
+        if backend in ("flash", "fused", "unfused"):
+            out.append(
+                f"--attention-backend {backend} is Transformer Engine's (GPU); on CPU use auto "
+                "or local (Megatron-Core's attention)"
+            )
         if args.moe_grouped_gemm:
             out.append("--moe-grouped-gemm needs Transformer Engine's grouped GEMM; drop it on CPU")
     elif args.transformer_impl == "transformer_engine" and not transformer_engine_available():
@@ -310,18 +316,11 @@ def _read_chat_template(args: argparse.Namespace) -> None:
         args.chat_template = Path(value).read_text(encoding="utf-8")
 
 
-def parse_megatron_args(
-    argv: list[str] | None = None, training: bool = True, **overrides
-) -> argparse.Namespace:
-    """Megatron-LM's parse + validate with DFT's flags; sets Megatron-LM's global args.
-
-    `overrides` are set on the args after parsing (before the checkpoint's args and
-    validation). Exits with status 2 and one line per problem when the flags cannot run here.
-    """
-    from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.global_vars import set_global_variables
-
-    argv = sys.argv[1:] if argv is None else list(argv)
+def parse_only(argv: list[str], **overrides) -> argparse.Namespace:
+    """Megatron-LM's parser with DFT's flags and this machine's defaults, and what the run
+    implies before validation (--eval-only, no validation without --eval-interval, implied
+    --use-checkpoint-args). No global state is touched."""
+    from megatron.training.arguments import parse_args
 
     def provider(parser):
         add_dft_arguments(parser)
@@ -358,6 +357,22 @@ def parse_megatron_args(
         and not any(_given(argv, f) for f in _MODEL_FLAGS)
     ):
         args.use_checkpoint_args = True
+    return args
+
+
+def parse_megatron_args(
+    argv: list[str] | None = None, training: bool = True, **overrides
+) -> argparse.Namespace:
+    """Megatron-LM's parse + validate with DFT's flags; sets Megatron-LM's global args.
+
+    `overrides` are set on the args after parsing (before the checkpoint's args and
+    validation). Exits with status 2 and one line per problem when the flags cannot run here.
+    """
+    from megatron.training.arguments import validate_args
+    from megatron.training.global_vars import set_global_variables
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_only(argv, **overrides)
     problems = refusals(args, training)
     if problems:
         fail(problems)

@@ -107,7 +107,7 @@ def run(argv: list[str] | None = None) -> None:
         _, valid = provider.prepare()
         args.eval_iters = math.ceil(len(valid) / args.global_batch_size)  # one pass
     _store_tokenizer(args, hf_tokenizer)
-    metrics = DFTMetrics(args.log_metrics_jsonl, args.train_iters or 0)
+    metrics = DFTMetrics(args.log_metrics_jsonl)
     install_hooks(metrics)
     with _quiet_warnings():
         cfg_container = pretrain_cfg_container_from_args(args)

@@ -104,13 +104,11 @@ class DFTMetrics:
     validation ones, and where they are written (global rank world - 1, Megatron-LM's
     logging rank, which holds its TensorBoard writer)."""
 
-    def __init__(self, jsonl_path: str | None, train_iters: int):
+    def __init__(self, jsonl_path: str | None):
         self.train = MetricSums()
         self.valid = MetricSums()
         self.jsonl_path = jsonl_path
-        self.train_iters = train_iters
-        self.start = time.monotonic()
-        self.start_iteration: int | None = None
+        self.start: tuple[float, int] | None = None  # (time, iteration) of the first log call
 
     def add(self, loss, stats, mask, *, training: bool) -> None:
         (self.train if training else self.valid).add(loss, stats, mask)
@@ -127,8 +125,8 @@ class DFTMetrics:
 
     def log_train(self, iteration: int, lr, grad_norm, skipped: bool, log: bool) -> None:
         """After iteration `iteration` (every rank): reduce and write on logged iterations."""
-        if self.start_iteration is None:
-            self.start_iteration = iteration - 1
+        if self.start is None:  # timed from the end of the first iteration (set-up excluded)
+            self.start = (time.monotonic(), iteration)
         sums, self.train = self.train, MetricSums()
         if not log:
             return
@@ -145,14 +143,17 @@ class DFTMetrics:
         record["p_histogram"] = sums.histogram()
         self._write(record)
         _histogram("train/target_prob", sums, iteration)
-        elapsed = time.monotonic() - self.start
-        done = max(iteration - self.start_iteration, 1)
-        eta = elapsed / done * max(self.train_iters - iteration, 0)
+        from megatron.training import get_args
+
+        total = get_args().train_iters  # Megatron-LM sets it from --train-samples too
+        elapsed = time.monotonic() - self.start[0]
+        done = iteration - self.start[1]
+        eta = elapsed / done * max(total - iteration, 0) if done else math.nan
         logger.info(
             "[dft] iteration %d/%d | loss %.5f | ce %.4f | p %.3f | p<0.01 %.3f | p>0.99 %.3f | "
             "elapsed %s | ETA %s",
             iteration,
-            self.train_iters,
+            total,
             record["loss"],
             record["ce_loss"],
             record["target_prob_mean"],

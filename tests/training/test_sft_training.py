@@ -1,10 +1,11 @@
 """The trainer on SFT data: packed chat rows with sample weights, at several layouts.
 
-Reference: the TP1 x DP1 run from the same initial checkpoint (1e-4 absolute on the loss,
+Reference: the TP1 x DP1 run from the same converted checkpoint (1e-4 absolute on the loss,
 the CE and mean p; 1e-4 relative on the grad norm; the same target-token counts), as for
-synthetic data. This also covers the tokenizer stored with a checkpoint (the runs after the
-first get it from --load), the per-epoch shuffle at every DP size, and --eval-only over
-pre-tokenized rows.
+synthetic data. This also covers the tokenizer stored with a checkpoint (every run gets it
+from --load), the per-epoch order at every DP size (Megatron-LM's sampler over
+`EpochShuffled`), --eval-only over pre-tokenized rows (every target token once, at TP2) and
+--train-epochs.
 """
 
 from __future__ import annotations
@@ -13,46 +14,31 @@ import json
 
 import pytest
 
+from dft_megatron.convert.hf_init import init_hf_model
+from dft_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+from dft_megatron.models import ModelConfig
 from tests.data.conftest import make_tokenizer
-from tests.training.test_trainer import run
+from tests.launch import train
 
-MODEL = [
-    "--family",
-    "llama",
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--ffn-hidden-size",
-    "128",
-    "--position-embedding-type",
-    "rope",
-    "--normalization",
-    "RMSNorm",
-    "--swiglu",
-    "--disable-bias-linear",
-    "--untie-embeddings-and-output-weights",
-    "--seq-length",
-    "128",
-    "--make-vocab-size-divisible-by",
-    "32",
-    "--hidden-dropout",
-    "0",
-    "--attention-dropout",
-    "0",
-    "--lr",
-    "1e-3",
-    "--lr-decay-style",
-    "constant",
-    "--global-batch-size",
-    "4",
-    "--seed",
-    "11",
-]
+ARCH = ModelConfig(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    position_embedding_type="rope",
+    normalization="RMSNorm",
+    swiglu=True,
+    add_bias_linear=False,
+    untie_embeddings_and_output_weights=True,
+    seq_length=128,
+    make_vocab_size_divisible_by=32,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
+STEPS = ["--lr", "1e-3", "--lr-decay-style", "constant", "--global-batch-size", "4"]
+STEPS += ["--seed", "11"]
 
 
 def _chat_rows(n):
@@ -76,15 +62,15 @@ def _chat_rows(n):
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
-    """(data file, tokenizer dir, initial checkpoint) shared by the layouts."""
+    """(data file, initial checkpoint with its tokenizer, data cache) shared by the layouts:
+    a random-init HF model of the chat tokenizer, converted."""
     tmp = tmp_path_factory.mktemp("sft")
     make_tokenizer(tmp / "tok")
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(48)))
+    hf = init_hf_model(ARCH, tmp / "tok", tmp / "hf", seed=3)
     ckpt = tmp / "init"
-    flags = [*MODEL, "--sft-data", str(data), "--tokenizer-model", str(tmp / "tok")]
-    flags += ["--data-cache-dir", str(tmp / "cache"), "--train-iters", "0", "--save", str(ckpt)]
-    assert run(tmp, "init", 1, flags) == []
+    convert_hf_to_megatron(hf, ckpt, dtype="fp32")
     assert (ckpt / "tokenizer" / "tokenizer_config.json").is_file()
     return data, ckpt, tmp / "cache"
 
@@ -92,25 +78,21 @@ def sft(tmp_path_factory):
 def _finetune(sft, *extra):
     data, ckpt, cache = sft
     return [
-        *MODEL,
-        "--sft-data",
-        str(data),
-        "--sample-weight-key",
-        "reward",
-        "--data-cache-dir",
-        str(cache),
-        "--load",
-        str(ckpt),
+        *STEPS,
+        "--sft-data", str(data),
+        "--sample-weight-key", "reward",
+        "--data-cache-path", str(cache),
+        "--load", str(ckpt),
         "--finetune",
-        "--train-iters",
-        "3",
+        "--train-iters", "3",
         *extra,
-    ]
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def reference(sft, tmp_path_factory):
-    return run(tmp_path_factory.mktemp("ref"), "tp1", 1, _finetune(sft, "--micro-batch-size", "4"))
+    run = train(tmp_path_factory.mktemp("ref"), "tp1", 1, _finetune(sft, "--micro-batch-size", "4"))
+    return run.train
 
 
 LAYOUTS = {
@@ -131,7 +113,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sft_layout_matches_tp1(layout, sft, reference, tmp_path):
     world, flags = LAYOUTS[layout]
-    got = run(tmp_path, layout, world, _finetune(sft, *flags))
+    got = train(tmp_path, layout, world, _finetune(sft, *flags)).train
     assert [r["iteration"] for r in got] == [1, 2, 3]
     for ref, rec in zip(reference, got, strict=True):
         for key in ("loss", "ce_loss", "target_prob_mean"):
@@ -151,9 +133,11 @@ def test_eval_only_on_pretokenized_rows(sft, tmp_path):
         rows.append({"input_ids": ids, "loss_mask": mask})
     data = tmp_path / "tok.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    flags = [*MODEL, "--sft-data", str(data), "--data-cache-dir", str(tmp_path / "c")]
+    flags = ["--sft-data", str(data), "--data-cache-path", str(tmp_path / "c")]
     flags += ["--load", str(ckpt), "--eval-only", "--micro-batch-size", "2"]
-    (rec,) = run(tmp_path, "eval", 2, [*flags, "--tensor-model-parallel-size", "2"])
+    flags += ["--global-batch-size", "4", "--tensor-model-parallel-size", "2"]
+    (rec,) = train(tmp_path, "eval", 2, flags).valid
+    assert rec["full_pass"] and rec["iteration"] == 0  # a converted model: iteration 0
     assert rec["tokens"] == sum(len(r["input_ids"]) - 8 for r in rows)
     assert 4.0 < rec["ce_loss"] < 7.0  # a random model over ~300 tokens: about log(300)
 
@@ -163,7 +147,8 @@ def test_train_epochs_sets_the_iterations(sft, tmp_path):
     _, ckpt, _ = sft
     data = tmp_path / "eight.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(8)))
-    flags = [*MODEL, "--sft-data", str(data), "--data-cache-dir", str(tmp_path / "c")]
+    flags = [*STEPS, "--sft-data", str(data), "--data-cache-path", str(tmp_path / "c")]
     flags += ["--load", str(ckpt), "--finetune", "--no-packing", "--train-epochs", "1"]
-    got = run(tmp_path, "epochs", 1, flags)
+    flags += ["--micro-batch-size", "2"]
+    got = train(tmp_path, "epochs", 1, flags).train
     assert [r["iteration"] for r in got] == [1, 2]

@@ -1,0 +1,116 @@
+"""Stopping and resuming a run, through Megatron-LM's own machinery, at TP2 with dropout on.
+
+Reference: one straight 8-iteration run. Each interrupted run is relaunched with the same
+command line and must continue to the straight run's per-iteration loss, CE, mean p and
+grad norm (1e-6 relative: the same computation; dropout masks included, so the RNG and the
+data order are restored too):
+- `--save X --load X` with X empty starts fresh; `--exit-interval 4` saves and stops; the
+  relaunch resumes from iteration 4;
+- SIGTERM to one rank with `--exit-signal-handler`: a checkpoint is saved at the next
+  iteration, the run exits 0, the relaunch continues;
+- `--exit-duration-in-mins` (a limit already reached after the first iteration): saved,
+  exit 0, the relaunch without it continues.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.launch import start, train, wait
+
+MODEL = [
+    "--num-layers", "2",
+    "--hidden-size", "64",
+    "--num-attention-heads", "4",
+    "--seq-length", "32",
+    "--max-position-embeddings", "32",
+    "--vocab-size", "256",
+    "--hidden-dropout", "0.1",
+    "--attention-dropout", "0.1",
+    "--mock-data",
+    "--tensor-model-parallel-size", "2",
+    "--micro-batch-size", "2",
+    "--global-batch-size", "4",
+    "--train-iters", "8",
+    "--lr", "1e-3",
+    "--loss-type", "dft",
+    "--dft-min-prob", "0.05",
+    "--seed", "3",
+]  # fmt: skip
+KEYS = ("loss", "ce_loss", "target_prob_mean", "entropy", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run = train(tmp_path_factory.mktemp("straight"), "straight", 2, MODEL)
+    assert [r["iteration"] for r in run.train] == list(range(1, 9))
+    return {r["iteration"]: r for r in run.train}
+
+
+def _continues(straight, *runs) -> None:
+    """The runs' iterations (the first of each relaunch after the previous one's last) are the
+    straight run's, and together cover 1..8."""
+    seen = {}
+    for run in runs:
+        for r in run.train:
+            seen[r["iteration"]] = r
+    assert sorted(seen) == list(range(1, 9))
+    for it, r in seen.items():
+        for key in KEYS:
+            assert r[key] == pytest.approx(straight[it][key], rel=1e-6), (it, key)
+
+
+def test_empty_load_starts_fresh_then_resumes(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"  # does not exist yet
+    flags = [*MODEL, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "4"]
+    first = train(tmp_path, "first", 2, [*flags, "--exit-interval", "4"])
+    assert [r["iteration"] for r in first.train] == [1, 2, 3, 4]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    second = train(tmp_path, "second", 2, flags)
+    assert [r["iteration"] for r in second.train] == [5, 6, 7, 8]
+    _continues(straight, first, second)
+
+
+def _rank_processes(proc) -> list[psutil.Process]:
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in children if "dft_megatron.train" in " ".join(p.cmdline())]
+
+
+def test_sigterm_saves_and_relaunch_continues(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    flags = [*MODEL, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000"]
+    flags += ["--exit-signal-handler"]
+    proc, metrics, log = start(tmp_path, "signalled", 2, flags)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
+    ranks = _rank_processes(proc)
+    assert len(ranks) == 2
+    ranks[0].send_signal(signal.SIGTERM)
+    signalled = wait(proc, metrics, log, 240)
+    assert signalled.returncode == 0, signalled.tail()
+    done = [r["iteration"] for r in signalled.train]
+    assert 2 <= done[-1] < 8, done
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved == done[-1]
+    relaunch = train(tmp_path, "relaunch", 2, [*flags])
+    assert relaunch.train[0]["iteration"] == saved + 1
+    _continues(straight, signalled, relaunch)
+
+
+def test_exit_duration_saves_and_relaunch_continues(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    flags = [*MODEL, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000"]
+    timed = train(tmp_path, "timed", 2, [*flags, "--exit-duration-in-mins", "1e-6"])
+    done = [r["iteration"] for r in timed.train]
+    assert done and done[-1] < 8
+    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == done[-1]
+    relaunch = train(tmp_path, "relaunch", 2, flags)
+    _continues(straight, timed, relaunch)
