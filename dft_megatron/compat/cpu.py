@@ -426,6 +426,8 @@ def _bridge_torch_norm_sequence_parallel() -> str:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     new = WrappedTorchNorm.__new__
+    if getattr(new, "__dft_megatron__", False):  # applied already (on every device)
+        return "WrappedTorchNorm: sequence parallel (params marked for the TP grad all-reduce)"
 
     @functools.wraps(new)
     def new_with_sequence_parallel(cls, config, *args, **kwargs):
@@ -440,6 +442,7 @@ def _bridge_torch_norm_sequence_parallel() -> str:
             param.sequence_parallel = True
         return norm
 
+    new_with_sequence_parallel.__dft_megatron__ = True
     WrappedTorchNorm.__new__ = new_with_sequence_parallel
     return "WrappedTorchNorm: sequence parallel (params marked for the TP grad all-reduce)"
 
@@ -520,7 +523,7 @@ def install_cpu_bridge(force: bool = False) -> bool:
             _bridge_torch_norm_sequence_parallel(),
         ]
         _active = True
-    logger.info("Megatron-Core CPU bridge: %d patch groups (details at DEBUG level)", len(pieces))
+    logger.info("Megatron-Core CPU bridge installed: %d patch groups (DEBUG: details)", len(pieces))
     logger.debug("Megatron-Core CPU bridge:\n  %s", "\n  ".join(pieces))
     return True
 

@@ -10,11 +10,14 @@ params raised. Found first on CPU (tests/compat, tests/training), where this is 
 configuration; then on an H100 without TE (docs/LOG.md, 2026-11-24), where a bf16 run with
 ``--use-distributed-optimizer`` could not resume from its own checkpoint.
 
-`install_distributed_optimizer_fixes` applies the fixes below when torch's optimizer is in use
-(or when forced: the CPU bridge applies them as part of itself) and changes nothing when TE or
-apex provides the fused optimizers (the NGC container): those keep ``step`` per param group
-and their state is created at construction. It is idempotent and thread-safe, and imports
-Megatron-Core only when called.
+`install_distributed_optimizer_fixes` applies the in-place copy under no_grad on every
+device (an fp32 main param is a view of a leaf that requires grad whatever the optimizer:
+with TE or apex installed, an fp32 --use-distributed-optimizer resume raised the same
+"in-place operation" error), and the torch-AdamW fixes where torch's optimizer is in use (or
+when forced: the CPU bridge applies them as part of itself); TE's and apex's fused optimizers
+keep ``step`` per param group and create their state at construction, so those fixes are
+left out there. It is idempotent and thread-safe, and imports Megatron-Core only when
+called.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ _lock = threading.Lock()
 _summary: str | None = None
 
 
-def _apply() -> str:
+def _apply(force: bool) -> str:
     """Patch `DistributedOptimizer`; returns what was patched (see the module docstring)."""
     from megatron.core.optimizer import distrib_optimizer
 
@@ -59,7 +62,7 @@ def _apply() -> str:
     optimizer_cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
     bridged = ["_set_main_param_and_optimizer_states"]
 
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
+    if force or not distrib_optimizer.HAVE_APEX_OR_TE:
         state_dict = optimizer_cls.state_dict
         load_state_dict = optimizer_cls.load_state_dict
 
@@ -101,19 +104,15 @@ def _apply() -> str:
 def install_distributed_optimizer_fixes(force: bool = False) -> bool:
     """Fix Megatron-Core's distributed-optimizer checkpoints on torch's AdamW; see the module.
 
-    Applies when neither TE nor apex is importable (Megatron-Core then uses torch's
-    optimizers) or when `force`; returns whether the fixes are in place. Call before the first
-    checkpoint save or load; a second call is a no-op.
+    The no_grad copy applies everywhere; the torch-AdamW fixes where neither TE nor apex is
+    importable (Megatron-Core then uses torch's optimizers) or when `force`. Returns True.
+    Call before the first checkpoint save or load; a second call is a no-op.
     """
     global _summary
     with _lock:
         if _summary is not None:
             return True
-        from megatron.core.optimizer import distrib_optimizer
-
-        if not (force or not distrib_optimizer.HAVE_APEX_OR_TE):
-            return False
-        _summary = _apply()
+        _summary = _apply(force)
     logger.debug("Megatron-Core distributed optimizer on torch AdamW: fixed %s", _summary)
     return True
 

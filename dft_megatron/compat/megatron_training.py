@@ -9,6 +9,9 @@ file and function it touches; tests/compat/test_megatron_training_bridge.py chec
 
 Every device (`install_megatron_training_fixes`):
 
+- the torch norm of the local layer spec under --sequence-parallel
+  (`compat.cpu._bridge_torch_norm_sequence_parallel`): it asserts without apex, which is
+  the case on a GPU without TE or apex as on CPU.
 - `_fix_compile_helpers`: `megatron/training/initialize.py:_compile_dependencies` calls
   `megatron.core.datasets.utils.compile_helpers`, which runs ``make`` inside site-packages.
   The wheel ships the compiled extension (``helpers_cpp``) but no Makefile, so ``make`` fails
@@ -93,7 +96,10 @@ def install_megatron_training_fixes() -> bool:
     with _lock:
         if _fixes_applied:
             return True
-        logger.debug("megatron.training fixes: %s", _fix_compile_helpers())
+        # The local spec's torch norm under --sequence-parallel: a GPU without TE or apex
+        # builds it too (compat/cpu.py says why and how).
+        done = [_fix_compile_helpers(), cpu._bridge_torch_norm_sequence_parallel()]
+        logger.debug("megatron.training fixes: %s", "; ".join(done))
         _fixes_applied = True
     return True
 
@@ -244,6 +250,6 @@ def install_megatron_training_cpu_bridge(force: bool = False) -> bool:
             _bridge_data_loader(),
         ]
         _cpu_applied = True
-    logger.info("megatron.training CPU bridge: %d patches (details at DEBUG level)", len(pieces))
+    logger.info("megatron.training CPU bridge installed: %d patches (DEBUG: details)", len(pieces))
     logger.debug("megatron.training CPU bridge:\n  %s", "\n  ".join(pieces))
     return True

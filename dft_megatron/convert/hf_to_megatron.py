@@ -197,7 +197,7 @@ def convert_hf_to_megatron(
     make_vocab_size_divisible_by: int = 128,
     tensor_model_parallel_size: int = 1,
 ) -> Path:
-    """Convert `hf_dir` into a checkpoint under `megatron_dir`; returns its iter_NNNNNNN folder.
+    """Convert `hf_dir` into a release checkpoint under `megatron_dir`; returns its release folder.
 
     dtype: "bf16", "fp16", "fp32" or None (config.json's). tensor_model_parallel_size only sets
     the vocabulary padding multiple (make_vocab_size_divisible_by x it).

@@ -174,11 +174,28 @@ def write_hf_weights(
 
 
 def _token_ids(tokenizer: Path | None) -> dict:
-    """bos/eos/pad token ids from the tokenizer folder's generation_config.json, if any."""
-    if tokenizer is None or not (tokenizer / "generation_config.json").is_file():
+    """bos/eos/pad token ids: the tokenizer folder's generation_config.json (which the import
+    carries over from the Hugging Face folder), else the tokenizer's own special tokens (a
+    folder the trainer wrote holds the tokenizer files only)."""
+    if tokenizer is None:
         return {}
-    gen = json.loads((tokenizer / "generation_config.json").read_text())
-    return {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen}
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    if (tokenizer / "generation_config.json").is_file():
+        gen = json.loads((tokenizer / "generation_config.json").read_text())
+        return {k: gen[k] for k in keys if k in gen}
+    if not (tokenizer / "tokenizer_config.json").is_file():
+        return {}
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    except Exception as e:  # a tokenizer transformers cannot load: no ids rather than no export
+        logger.warning(
+            "%s: tokenizer not loadable (%s); no bos/eos ids in config.json", tokenizer, e
+        )
+        return {}
+    ids = {k: getattr(tok, k, None) for k in keys}
+    return {k: v for k, v in ids.items() if isinstance(v, int)}
 
 
 def convert_megatron_to_hf(

@@ -14,7 +14,7 @@ Each sample comes back in the trainer's format (dft_megatron/data/mock.py, batch
 
 Determinism and ranks: the sample order depends only on (data, split, seq_length, seed,
 num_samples), never on the parallel layout, so every DP size sees the same global batches
-(GlobalBatchSampler slices them). Every rank reads its own samples, so the datasets are built
+(Megatron-LM's sampler slices them). Every rank reads its own samples, so the datasets are built
 on every rank (`is_built_on_rank` is always true): Megatron-Core builds the index (.npy
 files under `path_to_cache`, by default `{prefix}/cache/GPTDataset_indices` next to the
 data) on global rank 0 first, then the other ranks load it after a barrier. The cache

@@ -12,7 +12,7 @@ tokenizing again.
 sequence with packing (`packing.pack`, best-fit decreasing over a seeded shuffle of the
 samples), one per sequence without. Item i is the i-th sequence, built on access:
 {"tokens", "labels", "loss_mask", "loss_weight", "position_ids", "segment_ids"}, [s] each.
-Its order is fixed by the seed; `GlobalBatchSampler` shuffles the sequences per epoch.
+Its order is fixed by the seed; `EpochShuffled` orders the sequences per epoch.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from dft_megatron.models.gpt import (
     DFTGPTModel,
     PrecisionConfig,
     build_gpt_model,
-    resolve_transformer_impl,
     transformer_config,
 )
 
@@ -15,6 +14,5 @@ __all__ = [
     "ModelConfig",
     "PrecisionConfig",
     "build_gpt_model",
-    "resolve_transformer_impl",
     "transformer_config",
 ]

@@ -1,4 +1,4 @@
-"""GPTModel construction from a `ModelConfig`, with the DFT loss as the model's loss.
+"""DFTGPTModel: Megatron-Core's GPTModel with the DFT loss as the model's loss.
 
 Megatron-Core has no spec slot for the loss: GPTModel's forward calls
 `self.compute_language_model_loss(labels, logits)` on the last pipeline stage (also inside
@@ -6,10 +6,11 @@ multi-token prediction). `DFTGPTModel` overrides exactly that method, so the DFT
 runs wherever Megatron-Core would run its CE: every TP/PP/CP/SP layout, the TE and local
 layer specs. The tensor-parallel group is passed explicitly (the model's own).
 
-Layer specs: Transformer Engine's (`transformer_impl="transformer_engine"`, needed for FP8,
-context parallelism and THD packed sequences; GPU only) or Megatron-Core's local modules
-(`"local"`, which run on CPU). `"auto"` takes TE where it is importable and a GPU is
-present, else local.
+Training builds it from Megatron-LM's args (models/provider.py). `transformer_config` and
+`build_gpt_model` build it from a `ModelConfig` directly, at a given layout, for code that
+drives Megatron-Core itself (the model- and data-level tests, the loss benchmarks), with
+Megatron-Core's local layer spec (`transformer_impl="local"`, which runs on CPU) or
+Transformer Engine's.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from dft_megatron.loss import DFTLossStats, TokenWeighting, vocab_parallel_dft_c
 from dft_megatron.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
-
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
 
 @dataclass
@@ -56,81 +55,9 @@ class PrecisionConfig:
     fp8_amax_compute_algo: str = "most_recent"
     """"most_recent" or "max" over the amax history."""
 
-    transformer_impl: str = "auto"
-    """"transformer_engine", "local" or "auto" (TE on GPU when installed, else local)."""
-
     @property
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
-
-
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or a TE build that fails to load its CUDA libraries
-        return False
-    return True
-
-
-def resolve_transformer_impl(precision: PrecisionConfig) -> str:
-    """ "local" or "transformer_engine"; refuses what cannot run here, naming what is missing."""
-    impl = precision.transformer_impl
-    if impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {impl!r}")
-    have_te, have_gpu = transformer_engine_available(), torch.cuda.is_available()
-    if impl == "auto":
-        impl = "transformer_engine" if have_te and have_gpu else "local"
-    if impl == "transformer_engine":
-        if not have_gpu:
-            raise RuntimeError(
-                "--transformer-impl transformer_engine needs a CUDA GPU and none is visible; "
-                "use --transformer-impl local on CPU"
-            )
-        if not have_te:
-            raise RuntimeError(
-                "--transformer-impl transformer_engine needs Transformer Engine: "
-                "pip install 'dft-megatron[te]', or run in the NGC PyTorch container"
-            )
-    if precision.fp8_format is not None:
-        if impl != "transformer_engine":
-            raise RuntimeError(
-                f"--fp8-format {precision.fp8_format} needs Transformer Engine layers on a "
-                f"GPU (--transformer-impl transformer_engine); here TE is "
-                f"{'installed' if have_te else 'not installed'} and a CUDA GPU is "
-                f"{'present' if have_gpu else 'absent'}. FP8 never falls back to bf16."
-            )
-        major, minor = torch.cuda.get_device_capability()
-        if (major, minor) < (8, 9):
-            raise RuntimeError(
-                f"--fp8-format needs a GPU with FP8 tensor cores (compute capability >= 8.9: "
-                f"Ada, Hopper, Blackwell); this one is {major}.{minor}"
-            )
-        ok, reason = _te_fp8_recipe_support(precision.fp8_recipe)
-        if not ok:
-            raise RuntimeError(
-                f"--fp8-recipe {precision.fp8_recipe} cannot run here: Transformer Engine "
-                f"says {reason!r} (mxfp8 needs Blackwell, blockwise Hopper with a recent "
-                "CUDA and TE; delayed and tensorwise run on Ada and Hopper)"
-            )
-    return impl
-
-
-def _te_fp8_recipe_support(recipe: str) -> tuple[bool, str]:
-    """Transformer Engine's own verdict on `recipe` for this GPU: (available, reason)."""
-    try:
-        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
-    except ImportError:  # newer TE moved it
-        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
-    check = {
-        "delayed": "is_fp8_available",
-        "tensorwise": "is_fp8_available",
-        "mxfp8": "is_mxfp8_available",
-        "blockwise": "is_fp8_block_scaling_available",
-    }[recipe]
-    fn = getattr(FP8GlobalStateManager, check, None)
-    if fn is None:
-        return False, f"this TE version has no {check} (too old for --fp8-recipe {recipe})"
-    return fn()
 
 
 def transformer_config(

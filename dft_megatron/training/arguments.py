@@ -240,7 +240,17 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
             )
         if args.moe_grouped_gemm:
             out.append("--moe-grouped-gemm needs Transformer Engine's grouped GEMM; drop it on CPU")
-    elif args.transformer_impl == "transformer_engine" and not transformer_engine_available():
+    elif args.fp8 is not None and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        out.append(
+            f"--fp8-format {args.fp8} needs a GPU with FP8 tensor cores (compute capability "
+            f">= 8.9: Ada, Hopper, Blackwell); this one is {major}.{minor}"
+        )
+    if (
+        not cpu
+        and args.transformer_impl == "transformer_engine"
+        and not (transformer_engine_available())
+    ):
         out.append(
             "--transformer-impl transformer_engine (Megatron-LM's default) needs Transformer "
             "Engine, which is not importable here: run in the NGC PyTorch container or pass "
@@ -282,7 +292,8 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
         )
     if args.eval_only and not args.load:
         out.append("--eval-only evaluates a checkpoint: give --load DIR")
-    if args.sft_data and args.eval_interval and not (args.valid_data or args.valid_fraction):
+    validates = args.eval_interval not in (None, NEVER)
+    if args.sft_data and validates and not (args.valid_data or args.valid_fraction):
         out.append(
             "--eval-interval needs validation data: give --valid-data FILE or --valid-fraction F"
         )

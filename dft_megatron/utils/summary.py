@@ -1,5 +1,10 @@
 """The CPU quickstart's closing summary: losses per stage, where the files are, and the
-evaluation table. `python -m dft_megatron.utils.summary OUT` (OUT: the quickstart folder)."""
+evaluation table. `python -m dft_megatron.utils.summary OUT` (OUT: the quickstart folder).
+
+It reads the stages' `--log-metrics-jsonl` files (dft_megatron/training/metrics.py: one record
+per logged iteration, and per validation with "split": "valid"): the first and the last
+logged training iteration, the fractions of target tokens with p < 0.01 and p > 0.99 (the
+regimes DFT polarizes), and the last validation."""
 
 from __future__ import annotations
 
@@ -35,6 +40,11 @@ def summary(out: str | Path) -> str:
             f"{last['ce_loss']:.3f}, p {first['target_prob_mean']:.3f} -> "
             f"{last['target_prob_mean']:.3f}"
         )
+        if all(k in r for r in (first, last) for k in ("p<0.01", "p>0.99")):
+            lines.append(
+                f"    target tokens with p < 0.01: {first['p<0.01']:.1%} -> {last['p<0.01']:.1%}, "
+                f"p > 0.99: {first['p>0.99']:.1%} -> {last['p>0.99']:.1%}"
+            )
         if valid:
             v = valid[-1]
             lines.append(
@@ -44,10 +54,10 @@ def summary(out: str | Path) -> str:
     lines += [
         "",
         "files:",
-        f"  Hugging Face models:   {out / 'hf_init'} (initial), {out / 'hf'} (DFT result)",
-        f"  Megatron checkpoints:  {out / 'megatron_init'}, {out / 'pretrain'}, {out / 'dft'}",
-        f"  TensorBoard:           tensorboard --logdir {out / 'tensorboard'}",
-        f"  evaluation:            {out / 'eval'} (results.json, <benchmark>.samples.jsonl)",
+        f"  Hugging Face models:     {out / 'hf_init'} (initial), {out / 'hf'} (DFT result)",
+        f"  Megatron-LM checkpoints: {out / 'megatron_init'}, {out / 'pretrain'}, {out / 'dft'}",
+        f"  TensorBoard:             tensorboard --logdir {out / 'tensorboard'}",
+        f"  evaluation:              {out / 'eval'} (results.json, <benchmark>.samples.jsonl)",
     ]
     results = out / "eval" / "results.json"
     if results.is_file():

@@ -1,40 +1,47 @@
-"""The global-batch sampler: the same samples per step at every DP size, resumable."""
+"""Samples through Megatron-LM's own sampler: the same samples per step at every DP size,
+every SFT sequence once per epoch in a per-epoch order, exact resume from consumed samples.
+
+Reference: Megatron-LM's `MegatronPretrainingSampler` (what `--dataloader-type single`, the
+default, builds), read for every DP rank of a global batch and concatenated in rank order.
+"""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
+from torch.utils.data import default_collate
 
-from dft_megatron.data import GlobalBatchSampler, MockDataset
+from dft_megatron.data import EpochShuffled, MockDataset, from_stacked
+from dft_megatron.data.provider import OnePass
 
-DATA = MockDataset(vocab_size=50, seq_length=8, seed=3)
+DATA = MockDataset(vocab_size=50, seq_length=8, seed=3, size=64)
 
 
-def _global_step(dp: int, mbs: int, consumed: int = 0) -> torch.Tensor:
-    """All DP ranks' micro-batches of one step, concatenated in rank order: [G, s]."""
-    parts = []
+def _global_steps(dataset, dp: int, mbs: int, gbs: int, steps: int, consumed: int = 0):
+    """[steps][gbs] sample indices as Megatron-LM's sampler hands them to the DP ranks."""
+    per_rank = []
     for rank in range(dp):
-        sampler = GlobalBatchSampler(DATA, 8, mbs, rank, dp, consumed_samples=consumed)
-        parts += [b.tokens for b in sampler.next_global_batch()]
-    return torch.cat(parts)
+        sampler = MegatronPretrainingSampler(
+            total_samples=len(dataset),
+            consumed_samples=consumed,
+            micro_batch_size=mbs,
+            data_parallel_rank=rank,
+            data_parallel_size=dp,
+        )
+        batches = iter(sampler)
+        per_rank.append([[i for _ in range(gbs // (mbs * dp)) for i in next(batches)]
+                         for _ in range(steps)])  # fmt: skip
+    return [sorted(i for rank in per_rank for i in rank[k]) for k in range(steps)]
 
 
-def test_same_samples_at_every_layout():
-    reference = _global_step(dp=1, mbs=8)
+def test_same_samples_per_step_at_every_dp_size():
+    reference = _global_steps(DATA, dp=1, mbs=8, gbs=8, steps=3)
     for dp, mbs in ((1, 2), (2, 1), (2, 4), (4, 2)):
-        assert torch.equal(_global_step(dp, mbs), reference), (dp, mbs)
-
-
-def test_resume_continues_with_the_next_global_batch():
-    sampler = GlobalBatchSampler(DATA, 8, 2, 0, 1)
-    sampler.next_global_batch()
-    second = torch.cat([b.tokens for b in sampler.next_global_batch()])
-    assert sampler.consumed_samples == 16
-    assert torch.equal(_global_step(dp=1, mbs=2, consumed=8), second)
+        assert _global_steps(DATA, dp, mbs, 8, 3) == reference, (dp, mbs)
 
 
 def test_labels_are_inputs_shifted_and_masks_align():
-    (batch,) = GlobalBatchSampler(DATA, 2, 2, 0, 1).next_global_batch()
+    batch = from_stacked(default_collate([DATA[0], DATA[1]]))
     sample = DATA[0]
     assert torch.equal(batch.tokens[0], sample["tokens"][:-1])
     assert torch.equal(batch.labels[0], sample["tokens"][1:])
@@ -43,18 +50,10 @@ def test_labels_are_inputs_shifted_and_masks_align():
 
 
 def test_one_pass_pads_the_last_batch_with_no_loss():
-    data = MockDataset(vocab_size=50, seq_length=8, seed=3, size=5)
-    sampler = GlobalBatchSampler(data, 4, 2, 0, 1, wrap=False)
-    sampler.next_global_batch()
-    last = sampler.next_global_batch()
-    masks = torch.cat([b.loss_mask for b in last])
-    assert masks[0].sum() > 0  # sample 4, the fifth and last
-    assert torch.all(masks[1:] == 0)  # fillers
-
-
-def test_batch_must_split_evenly():
-    with pytest.raises(ValueError, match=r"--global-batch-size \(6\) must be a multiple of"):
-        GlobalBatchSampler(DATA, 6, 2, 0, 2)
+    data = OnePass(MockDataset(vocab_size=50, seq_length=8, seed=3, size=5), 8)
+    assert len(data) == 8
+    assert data[4]["loss_mask"].sum() > 0  # the fifth and last sample
+    assert all(data[i]["loss_mask"].sum() == 0 for i in range(5, 8))  # fillers
 
 
 class _Indexed:
@@ -71,15 +70,11 @@ class _Indexed:
 
 
 def _order(dp: int, steps: int, consumed: int = 0, n: int = 12, seed: int = 4) -> list[int]:
-    """Global sample order over `steps` steps of global batch 4, all DP ranks together."""
-    samplers = [
-        GlobalBatchSampler(_Indexed(n), 4, 1, r, dp, consumed_samples=consumed, shuffle_seed=seed)
-        for r in range(dp)
-    ]
+    """Global sample order over `steps` steps of global batch 4, DP ranks in rank order."""
+    data = EpochShuffled(_Indexed(n), 36, seed)
     order = []
-    for _ in range(steps):
-        for s in samplers:
-            order += [int(b.tokens[0, 0]) for b in s.next_global_batch()]
+    for step in _global_steps(data, dp, 1, 4, steps, consumed):
+        order += [int(data[g]["tokens"][0]) for g in step]
     return order
 
 
@@ -93,6 +88,7 @@ def test_shuffled_epochs_same_at_every_dp_size_and_resumable():
     # Resume mid-epoch (after 5 steps = 20 samples) continues without repeat or skip.
     assert _order(dp=2, steps=4, consumed=20) == one[20:]
     assert _order(dp=1, steps=9, seed=5) != one
+    assert len(EpochShuffled(_Indexed(12), 25, 4)) == 36  # whole epochs cover the count
 
 
 def _cp_worker(rank, world_size):

@@ -37,7 +37,7 @@ def test_metric_sums_add(device):
     assert summary["target_prob_mean"] == pytest.approx((0.005 + 0.3 + 0.995 + 0.6) / 8)
     assert summary["entropy"] == pytest.approx(1.0 / 8)
     # Regimes of the 4 loss tokens: < 0.01, 0.01-0.5 (0.3), 0.5-0.99 (0.6), > 0.99.
-    counts = [summary[k] * 8 for k in ("p_lt_0.01", "p_0.01_0.5", "p_0.5_0.99", "p_gt_0.99")]
+    counts = [summary[k] * 8 for k in ("p<0.01", "p 0.01-0.5", "p 0.5-0.99", "p>0.99")]
     assert counts == pytest.approx([1, 1, 1, 1])
     hist = sums.histogram()
     assert len(hist) == HIST_BINS and sum(hist) == 4

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from dft_megatron.data.indexed import preprocess_jsonl
-from tests.training.test_trainer import run
+from tests.launch import train
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "examples" / "data" / "math" / "tokenizer"
 
@@ -22,15 +22,16 @@ def test_blended_indexed_data(tmp_path):
         preprocess_jsonl(src, TOKENIZER, str(tmp_path / name), append_eod=True)
         prefixes.append(str(tmp_path / f"{name}_text_document"))
     flags = ["--data-path", "0.3", prefixes[0], "0.7", prefixes[1], "--split", "90,10,0"]
-    flags += ["--tokenizer-model", str(TOKENIZER), "--data-cache-dir", str(tmp_path / "cache")]
+    flags += ["--tokenizer-model", str(TOKENIZER), "--data-cache-path", str(tmp_path / "cache")]
     flags += ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
-    flags += ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8"]
+    flags += ["--seq-length", "64", "--max-position-embeddings", "64"]
+    flags += ["--micro-batch-size", "2", "--global-batch-size", "8"]
     flags += ["--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--lr", "1e-3"]
     flags += ["--loss-type", "sft"]
-    records = run(tmp_path, "pretrain", 2, flags)
-    train = [r for r in records if r.get("split") != "valid"]
-    valid = [r for r in records if r.get("split") == "valid"]
-    assert [r["iteration"] for r in train] == [1, 2, 3, 4]
-    assert all(r["tokens"] == 8 * 64 for r in train)  # every position is a target
-    assert [r["iteration"] for r in valid] == [2, 4] and valid[0]["tokens"] == 8 * 64
-    assert train[-1]["loss"] < train[0]["loss"]
+    run = train(tmp_path, "pretrain", 2, flags)
+    steps, valid = run.train, run.valid
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["tokens"] == 8 * 64 for r in steps)  # every position is a target
+    # Every --eval-interval, then Megatron-LM's validation at the end of training.
+    assert [r["iteration"] for r in valid] == [2, 4, 4] and valid[0]["tokens"] == 8 * 64
+    assert steps[-1]["loss"] < steps[0]["loss"]

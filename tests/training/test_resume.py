@@ -8,8 +8,8 @@ data order are restored too):
   relaunch resumes from iteration 4;
 - SIGTERM to one rank with `--exit-signal-handler`: a checkpoint is saved at the next
   iteration, the run exits 0, the relaunch continues;
-- `--exit-duration-in-mins` (a limit already reached after the first iteration): saved,
-  exit 0, the relaunch without it continues.
+- `--exit-duration-in-mins 1` on a run that would take far longer: saved at the iteration
+  it stopped after, exit 0, the relaunch continues from there.
 """
 
 from __future__ import annotations
@@ -105,12 +105,19 @@ def test_sigterm_saves_and_relaunch_continues(straight, tmp_path):
     _continues(straight, signalled, relaunch)
 
 
-def test_exit_duration_saves_and_relaunch_continues(straight, tmp_path):
+def test_exit_duration_saves_and_relaunch_continues(tmp_path):
+    """Megatron-LM's --exit-duration-in-mins counts whole minutes: a 1-minute limit on a run
+    that would take much longer. Exact continuation is the other tests' (the same save)."""
     ckpt = tmp_path / "ckpt"
-    flags = [*MODEL, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000"]
-    timed = train(tmp_path, "timed", 2, [*flags, "--exit-duration-in-mins", "1e-6"])
-    done = [r["iteration"] for r in timed.train]
-    assert done and done[-1] < 8
-    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == done[-1]
-    relaunch = train(tmp_path, "relaunch", 2, flags)
-    _continues(straight, timed, relaunch)
+    flags = [*MODEL, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "100000"]
+    flags += ["--tensor-model-parallel-size", "1"]
+    endless = [*flags, "--train-iters", "1000000"]
+    endless += ["--log-interval", "1"]
+    timed = train(tmp_path, "timed", 1, [*endless, "--exit-duration-in-mins", "1"], timeout=240)
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 0 < saved < 1000000
+    assert "exiting program after" in timed.output
+    # The same schedule (Megatron-LM refuses a changed --train-iters on resume), stopped
+    # two iterations on.
+    relaunch = train(tmp_path, "relaunch", 1, [*endless, "--exit-interval", str(saved + 2)])
+    assert [r["iteration"] for r in relaunch.train] == [saved + 1, saved + 2]
