@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 TOKENIZER_DIR = "tokenizer"
@@ -48,3 +52,35 @@ def stored_tokenizer(load: str | Path | None) -> Path | None:
     if root is not None and (root / TOKENIZER_DIR / "tokenizer_config.json").is_file():
         return root / TOKENIZER_DIR
     return None
+
+
+# Files of a Hugging Face folder that travel with a checkpoint (CKPT/tokenizer/): the
+# tokenizer's, its chat template, and the generation defaults (bos/eos ids, sampling).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def copy_tokenizer_files(src: Path | None, dst: Path) -> list[str]:
+    """Copy the TOKENIZER_FILES present in `src` into `dst` (created); returns their names."""
+    if src is None or not src.is_dir():
+        logger.warning("no tokenizer files to copy: the source has no tokenizer folder")
+        return []
+    found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if not found:
+        logger.warning("%s holds none of the tokenizer files %s", src, ", ".join(TOKENIZER_FILES))
+        return []
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in found:
+        shutil.copy2(src / name, dst / name)
+    logger.info("copied %s from %s to %s", ", ".join(found), src, dst)
+    return found

@@ -26,21 +26,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Files of a Hugging Face folder that travel with a checkpoint (CKPT/tokenizer/): the
-# tokenizer's, its chat template, and the generation defaults (bos/eos ids, sampling).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
@@ -116,19 +101,3 @@ def prepare_output(out: str | Path, force: bool, *, source: str | Path) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def copy_tokenizer_files(src: Path | None, dst: Path) -> list[str]:
-    """Copy the TOKENIZER_FILES present in `src` into `dst` (created); returns their names."""
-    if src is None or not src.is_dir():
-        logger.warning("no tokenizer files to copy: the source has no tokenizer folder")
-        return []
-    found = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not found:
-        logger.warning("%s holds none of the tokenizer files %s", src, ", ".join(TOKENIZER_FILES))
-        return []
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in found:
-        shutil.copy2(src / name, dst / name)
-    logger.info("copied %s from %s to %s", ", ".join(found), src, dst)
-    return found

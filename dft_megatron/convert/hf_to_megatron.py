@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from dft_megatron.checkpoint import TOKENIZER_DIR, model_flags, save_release
+from dft_megatron.checkpoint.paths import copy_tokenizer_files
 from dft_megatron.convert.common import (
     DTYPES,
-    copy_tokenizer_files,
     dtype_name,
     megatron_model,
     parameters,

@@ -34,8 +34,8 @@ from dft_megatron.checkpoint import (
     model_config_from_args,
     stored_tokenizer,
 )
+from dft_megatron.checkpoint.paths import copy_tokenizer_files
 from dft_megatron.convert.common import (
-    copy_tokenizer_files,
     dtype_name,
     megatron_model,
     parameters,

@@ -264,6 +264,10 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
         out.append("--overlap-param-gather needs --use-distributed-optimizer; add it")
     if not training:
         return out
+    if args.lr is None and not args.eval_only:
+        out.append("--lr is required (Megatron-LM has no default learning rate); e.g. --lr 1e-5")
+    if args.micro_batch_size is None:
+        out.append("--micro-batch-size is required (sequences per micro-batch per DP rank)")
     sources = [
         f
         for f, on in (
@@ -305,6 +309,26 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
         token_weighting(args)
     except ArgumentError as e:
         out.append(str(e))
+    return out
+
+
+def layout_refusals(args: argparse.Namespace) -> list[str]:
+    """What the model (its flags, or the --load checkpoint's args) and the layout cannot do
+    together, checked once the architecture is known; Megatron-Core would fail on every rank
+    while building the model, with a traceback."""
+    out = []
+    tp = args.tensor_model_parallel_size
+    heads = args.num_attention_heads
+    groups = args.num_query_groups if args.group_query_attention else heads
+    if heads and heads % tp:
+        out.append(
+            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads ({heads})"
+        )
+    if groups and groups % tp and tp % groups:
+        out.append(
+            f"--num-query-groups ({groups}) must be a multiple or a divisor of "
+            f"--tensor-model-parallel-size ({tp})"
+        )
     return out
 
 
@@ -404,6 +428,9 @@ def parse_megatron_args(
         if not _given(argv, "--tokenizer-model") and stored_tokenizer(args.load) is not None:
             args.tokenizer_model = str(stored_tokenizer(args.load))  # where it is now
     _fill_tokenizer(args)
+    problems = layout_refusals(args)
+    if problems:
+        fail(problems)
     if args.tokenizer_type is None:
         fail(
             [

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dft_megatron.checkpoint.paths import TOKENIZER_DIR, copy_tokenizer_files
 from dft_megatron.data.sources import DataError
 from dft_megatron.utils.logging import setup_logging
 
@@ -47,16 +48,22 @@ def _init_process_group(args) -> None:
 
 
 def _store_tokenizer(args, tokenizer) -> None:
-    """--save/tokenizer: the run's Hugging Face tokenizer, once (an existing one is kept)."""
+    """--save/tokenizer: the run's Hugging Face tokenizer, once (an existing one is kept). Its
+    files are copied from the --tokenizer-model folder where there is one (so the generation
+    defaults of a converted model travel on), else written with save_pretrained."""
     if not (args.save and tokenizer is not None and dist.get_rank() == 0):
         return
-    target = Path(args.save) / "tokenizer"
+    target = Path(args.save) / TOKENIZER_DIR
     if (target / "tokenizer_config.json").is_file():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(".tokenizer.incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
+    source = Path(args.tokenizer_model)
+    if not copy_tokenizer_files(source if source.is_dir() else None, tmp):
+        tokenizer.save_pretrained(str(tmp))
+    if args.chat_template:  # the template this run used, whatever the folder's
+        tokenizer.save_pretrained(str(tmp))
     os.replace(tmp, target)
 
 
@@ -92,7 +99,11 @@ def run(argv: list[str] | None = None) -> None:
         hf_tokenizer = load_tokenizer(args.tokenizer_model, args.chat_template)
     from megatron.training import get_tokenizer
 
-    provider = DatasetsProvider(args, cfg, hf_tokenizer, get_tokenizer().vocab_size)
+    from dft_megatron.models.provider import model_vocab_size
+
+    # Token ids the data may hold: the model's vocabulary (see model_vocab_size).
+    vocab = model_vocab_size(args, get_tokenizer().vocab_size)
+    provider = DatasetsProvider(args, cfg, hf_tokenizer, vocab)
     if args.train_epochs is not None:
         train, _ = provider.prepare()
         args.train_iters = math.ceil(args.train_epochs * len(train) / args.global_batch_size)

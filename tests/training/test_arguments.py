@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from dft_megatron.training.arguments import parse_only, refusals
+from dft_megatron.training.arguments import layout_refusals, parse_only, refusals
 from tests.launch import errors, train
 
 # examples/llama/train_llama3_8b_h100_fp8.sh, by its flag groups; sizes shrunk (layers, width,
@@ -123,6 +123,7 @@ def test_gpu_only_flags_are_named_one_line_each(tmp_path):
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
 BASE += ["--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "1"]
+BASE += ["--lr", "1e-3"]
 
 
 @pytest.mark.parametrize(
@@ -152,6 +153,26 @@ BASE += ["--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch
 def test_refusal(flags, named):
     problems = refusals(parse_only([*BASE, *flags]))
     assert any(named in p for p in problems), problems
+
+
+def test_required_flags():
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
+    problems = refusals(parse_only([*flags, "--mock-data"]))
+    assert any("--lr is required" in p for p in problems)
+    assert any("--micro-batch-size is required" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("tp", "heads", "groups", "named"),
+    [(3, 4, None, "does not divide --num-attention-heads"), (4, 8, 3, "--num-query-groups (3)")],
+)
+def test_layout_refusal(tp, heads, groups, named):
+    flags = [*BASE, "--mock-data", "--tensor-model-parallel-size", str(tp)]
+    flags += ["--num-attention-heads", str(heads), "--hidden-size", "96"]
+    if groups:
+        flags += ["--group-query-attention", "--num-query-groups", str(groups)]
+    assert any(named in p for p in layout_refusals(parse_only(flags)))
+    assert layout_refusals(parse_only([*BASE, "--tensor-model-parallel-size", "2"])) == []
 
 
 def test_a_runnable_command_line_has_no_refusal():

@@ -189,10 +189,12 @@ def test_sample_based_schedule_and_decoupled_lr(hf_model, checkpoint, tmp_path):
 
 
 def test_one_step_equals_transformers_gradient_step(hf_model, checkpoint, tmp_path):
-    """One DFT step of the engine at TP2 (SGD, lr 1e-2, no decay, no clipping) on pre-tokenized
-    rows moves every weight as one SGD step of the same objective does in plain transformers:
+    """One DFT step of the engine at TP2 (SGD, no decay, no clipping) on pre-tokenized rows
+    moves every weight as one SGD step of the same objective does in plain transformers:
     W1 = W0 - lr * grad of the token mean over loss tokens of -sg(p) log p, computed in
-    float64 by transformers' model. Compared per tensor, relative to the largest update."""
+    float64 by transformers' model. Compared per tensor: within 1e-3 of the largest update
+    plus the fp32 rounding of the stored weights (a large lr, since DFT's gradients at
+    p ~ 1/vocab are small and a norm weight near 1 resolves only ~1e-7)."""
     import json
 
     from safetensors.torch import load_file
@@ -205,7 +207,7 @@ def test_one_step_equals_transformers_gradient_step(hf_model, checkpoint, tmp_pa
         rows.append({"input_ids": ids, "loss_mask": [0] * 5 + [1] * (n - 5)})
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lr, save = 1e-2, tmp_path / "step"
+    lr, save = 10.0, tmp_path / "step"
     flags = ["--load", str(checkpoint), "--finetune", "--sft-data", str(data), "--no-packing"]
     flags += ["--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]
     flags += ["--train-iters", "1", "--optimizer", "sgd", "--sgd-momentum", "0", "--lr", str(lr)]
@@ -235,7 +237,8 @@ def test_one_step_equals_transformers_gradient_step(hf_model, checkpoint, tmp_pa
         moved = after[name].double() - w0.double()
         scale = expected.abs().max()
         assert scale > 0, name
-        assert (moved - expected).abs().max() <= 1e-3 * scale, name
+        rounding = 4 * torch.finfo(torch.float32).eps * w0.double().abs().max()
+        assert (moved - expected).abs().max() <= 1e-3 * scale + rounding, name
 
 
 def test_logging_outputs(checkpoint, tmp_path):

@@ -23,6 +23,7 @@ LLAMA = [
     "--untie-embeddings-and-output-weights", "--tokenizer-type", "NullTokenizer",
     "--vocab-size", "250", "--micro-batch-size", "2", "--global-batch-size", "4",
     "--lr", "1e-3", "--train-iters", "4", "--calculate-per-token-loss",
+    "--eval-interval", "1000", "--eval-iters", "1",
 ]  # fmt: skip
 
 
@@ -41,8 +42,9 @@ def test_plain_megatron_lm_checkpoint_resumes_and_exports(tmp_path):
 
     # dft_megatron resumes it: no model flags (its args), its optimizer and iteration.
     run = train(tmp_path, "dft", 2, ["--load", str(ckpt), "--save", str(ckpt), "--mock-data",
-                                     "--tensor-model-parallel-size", "2", "--save-interval",
-                                     "2"])  # fmt: skip
+                                     "--tensor-model-parallel-size", "2", "--save-interval", "2",
+                                     "--micro-batch-size", "2", "--global-batch-size", "4",
+                                     "--lr", "1e-3", "--train-iters", "4"])  # fmt: skip
     assert [r["iteration"] for r in run.train] == [3, 4]
     assert "loaded checkpoint from" in run.output or "successfully loaded" in run.output
 
