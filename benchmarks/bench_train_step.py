@@ -1,42 +1,66 @@
-"""Training-step time of dft_megatron's trainer against a bare Megatron-Core loop.
+"""Training-step time of dft_megatron in Megatron-LM's trainer against plain Megatron-Core GPT.
 
-Measured in one run, on the same model (a GPT with the local layer spec, dropout off) and
-the same global batches, at each TP size over gloo (spawned ranks, one intra-op thread each)
-or, with CUDA, over NCCL:
+Every variant is stepped by Megatron-LM's own `megatron.training.training.train_step` (zero
+the DDP grad buffers, the forward-backward schedule over the global batch's micro-batches,
+`finalize_model_grads`, `optimizer.step()` with clipping, the LR scheduler, the "lm loss"
+all-reduce), with the model, DDP wrapper, optimizer and scheduler of Megatron-LM's
+`setup_model_and_optimizer`, all from one set of Megatron-LM flags:
 
-  trainer_dft   the trainer's step (`dft_megatron.training.trainer.train_step`: DDP,
-                optimizer, LR scheduler) with --loss-type dft, as on a step it does not log:
-                the fused DFT loss, the loss sum and token count, one metrics all-reduce
-                (logged steps add the per-token statistics: see bench_loss's dft_stats)
-  trainer_sft   the same with --loss-type sft
-  mcore_bare    the reference (1.00): plain `GPTModel` (its default loss, Megatron-Core's
-                `vocab_parallel_cross_entropy`), Megatron DDP, `get_megatron_optimizer`,
-                `get_forward_backward_func`, `finalize_model_grads`, `optimizer.step()`;
-                a loss function that returns the loss sum and token count, no metrics
+  engine_dft   DFTGPTModel (dft_megatron.models.provider.model_provider) stepped with
+               dft_megatron's forward_step (dft_megatron.training.step) at --loss-type dft,
+               as in a real run: the fused DFT loss with its per-token statistics, the
+               report pairs, `DFTMetrics` collecting every micro-batch
+  engine_sft   the same with --loss-type sft
+  mcore_gpt    the reference (1.00): Megatron-Core's plain `GPTModel` (its own loss,
+               `vocab_parallel_cross_entropy`) from the same args and layer spec, with a
+               forward step and loss function in the shape of Megatron-LM's pretrain_gpt.py
+               (loss sum and token count, the "lm loss" report, its NaN/Inf checks), no
+               DFT metrics
 
-The three share the initialization seed, so their first steps see the same weights and
-batch: the first-step losses of trainer_sft and mcore_bare must agree (printed below the
-table). DDP and optimizer settings are the trainer's in all three (fp32 grad reduction, NaN
-check, Adam, clipping at 1.0), so the ratios show the cost of the loss and the metrics.
+Each TP size (1 and 2 by default) is one Megatron-LM session on as many spawned ranks (DP 1),
+over gloo (one intra-op thread each) or, with CUDA, over NCCL: `parse_megatron_args`
+(Megatron-LM's parser with DFT's flags), `initialize_megatron`, then the three variants built
+in the same processes, each right after Megatron-LM's seeding is repeated
+(`initialize._set_random_seed(--seed)`), so they start from the same weights. The global
+batches come from Megatron-LM's data iterator on dft_megatron's `DatasetsProvider`
+(--mock-data), drawn once before timing and replayed: data loading is not measured, and all
+variants see the same batches. Their first steps see the same weights and batch, so the
+first-step "lm loss" of engine_sft and mcore_gpt must agree (checked and printed below the
+table; engine_dft's "lm loss" is the DFT loss) where the vocabulary needs no padding (the
+default's 32000 at TP 1 and 2): DFTGPTModel masks padded vocabulary columns out of the softmax,
+GPTModel does not.
 
-Timing: untimed warm-up steps, then repetitions in which every variant runs one step,
-in an order that rotates each repetition (the machine drifts, and here the first in a
-fixed order ran up to 1.4x slower, docs/LOG.md). Each time is rank 0's, from a barrier
-to the end of the step. The table gives the median step time, the ratios as the median over
-repetitions of the ratio within one repetition (robust to load that comes and goes on a shared
-machine), and the peak memory held above the step's start (benchmarks/common.py).
+What train() does around train_step is done once per variant before timing (model.train(),
+config.grad_scale_func / timers / finalize_model_grads_func); after each step the DFT variants'
+metric sums are handed over as dft_megatron's hook on Megatron-LM's `training_log` does on an
+iteration it does not log (`DFTMetrics.log_train(log=False)`), outside the timed region.
+Logged iterations (every --log-interval) add one all-reduce of the sums and the JSONL record.
 
-Where CUDA is available the ranks run over NCCL, one GPU each (TP sizes above the GPU count
-are refused); hide the GPUs (CUDA_VISIBLE_DEVICES='') to measure the CPU paths there.
+Timing: untimed warm-up steps, then repetitions in which every variant runs one step, in an
+order that rotates each repetition (the machine drifts, and the first in a fixed order ran up
+to 1.4x slower, docs/LOG.md). Each time is rank 0's, from a barrier to the end of the step.
+The table gives the median step time, the ratios as the median over repetitions of the ratio
+within one repetition (robust to load that comes and goes on a shared machine), and the peak
+memory held above the step's start (benchmarks/common.py); the header gives the machine's load
+average at the start and end of the run (other work on it shows in the times). `--json FILE`
+also writes the rows as a list of {"tp", "method", "ms", "time_ratio_mcore", "peak_mib"}.
 
-    python -m benchmarks.bench_train_step                 # TP 1 and 2, 25 steps each
-    python -m benchmarks.bench_train_step --tp 1 --reps 5
+Arguments this script does not know are Megatron-LM flags, applied after its defaults
+(`MEGATRON_FLAGS`), e.g. `--hidden-size 512 --num-layers 8`; the TP size comes from --tp and the
+loss type from the variant. Where CUDA is available the ranks run over NCCL, one GPU each
+(TP sizes above the GPU count are refused); hide the GPUs (CUDA_VISIBLE_DEVICES='') to
+measure the CPU paths there.
+
+    python -m benchmarks.bench_train_step                 # TP 1 and 2, 8 steps each
+    python -m benchmarks.bench_train_step --tp 1 --reps 5 --json out.json
+    python -m benchmarks.bench_train_step --tp 2 --seq-length 512 --max-position-embeddings 512
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -55,265 +79,363 @@ from benchmarks.common import (
     versions,
 )
 
-VARIANTS = ("trainer_dft", "trainer_sft", "mcore_bare")
+VARIANTS = ("engine_dft", "engine_sft", "mcore_gpt")
+REFERENCE = "mcore_gpt"
+
+MEGATRON_FLAGS = [
+    "--num-layers", "4",
+    "--hidden-size", "256",
+    "--num-attention-heads", "8",
+    "--seq-length", "256",
+    "--max-position-embeddings", "256",
+    "--vocab-size", "32000",
+    "--tokenizer-type", "NullTokenizer",
+    "--micro-batch-size", "2",
+    "--global-batch-size", "8",
+    "--lr", "1e-4",
+    "--lr-decay-style", "constant",
+    "--train-iters", "1000",  # sizes Megatron-LM's mock training set; never run to the end
+    "--mock-data",
+    "--hidden-dropout", "0",
+    "--attention-dropout", "0",
+    "--seed", "1234",
+]  # fmt: skip
+"""Megatron-LM flags of every variant (the command line's own Megatron-LM flags follow)."""
+
+_SET_HERE = ("--tensor-model-parallel-size", "--loss-type")
+_GLOBAL_BATCHES = 4  # distinct global batches, drawn once and cycled
 
 
-def _trainer_flags(args, tp: int, loss_type: str) -> list[str]:
-    return [
-        "--mock-data",
-        "--num-layers", str(args.num_layers),
-        "--hidden-size", str(args.hidden_size),
-        "--num-attention-heads", str(args.num_attention_heads),
-        "--seq-length", str(args.seq_length),
-        "--vocab-size", str(args.vocab_size),
-        "--micro-batch-size", str(args.micro_batch_size),
-        "--global-batch-size", str(args.global_batch_size),
-        "--hidden-dropout", "0",
-        "--attention-dropout", "0",
-        "--tensor-model-parallel-size", str(tp),
-        "--transformer-impl", "local",
-        "--loss-type", loss_type,
-        "--train-iters", "1000",  # the LR schedule stays near its peak over the benchmark
-        "--lr-decay-style", "constant",
-        "--seed", str(args.seed),
-    ]  # fmt: skip
+# ------------------------------------------------------------------ the mcore_gpt reference
 
 
-def _seed(seed: int) -> None:
-    """The trainer's seeding (single pipeline stage), so every variant starts from one init."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+def mcore_gpt_provider(
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    config=None,
+    pg_collection=None,
+):
+    """Megatron-Core's plain GPTModel from Megatron-LM's args: DFTGPTModel's constructor
+    arguments (dft_megatron.models.provider) without the DFT loss and vocabulary masking."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training import get_args
+    from megatron.training.arguments import core_transformer_config_from_args
 
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    from dft_megatron.models.provider import layer_spec
 
-
-class _TrainerStep:
-    """The trainer's model, optimizer and scheduler, stepped by `trainer.train_step`."""
-
-    def __init__(self, cfg, device):
-        from dft_megatron.training import trainer
-
-        self.device = device
-        _seed(cfg.optim.seed)
-        self.model = trainer.build_model(cfg, "local")
-        self.optimizer, self.scheduler = trainer.build_optimizer(cfg, self.model)
-        self._train_step = trainer.train_step
-
-    def __call__(self, batches) -> float:
-        # A step that is not logged (the trainer collects per-token statistics, whose
-        # entropy costs a pass over the softmax, only on the steps it logs).
-        sums, _, _, _ = self._train_step(
-            self.model, self.optimizer, self.scheduler, batches, self.device, collect_stats=False
-        )
-        return sums.summary()["loss"]
-
-
-def _bare_loss_func(loss_mask, output_tensor):
-    """Megatron-LM's per-token loss: (loss sum, token count, reported values)."""
-    loss_mask = loss_mask.float()
-    loss_sum = (output_tensor.float() * loss_mask).sum()
-    num_tokens = loss_mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
-
-
-def _bare_forward_step(device, data_iterator, model):
-    batch = next(data_iterator).to(device)
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
-    return output, partial(_bare_loss_func, batch.loss_mask)
-
-
-class _BareMcoreStep:
-    """Megatron-Core's lean loop (examples/run_simple_mcore_train_loop.py) on the same model."""
-
-    def __init__(self, cfg, device):
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        from dft_megatron.models.gpt import gpt_model_kwargs, transformer_config
-
-        m, o = cfg.model, cfg.optim
-        tcfg = transformer_config(
-            m,
-            cfg.precision,
-            tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-            transformer_impl="local",
-        )
-        tcfg.finalize_model_grads_func = finalize_model_grads
-        _seed(o.seed)
-        model = GPTModel(**gpt_model_kwargs(m, tcfg))
-        if device.type == "cuda":
-            model.cuda(device)
-        # The trainer's DDP settings, so that the comparison isolates the loss and metrics.
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, check_for_nan_in_grad=True
-        )
-        self.model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)]
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                params_dtype=cfg.precision.params_dtype,
-            ),
-            self.model,
-        )
-        self.device = device
-
-    def __call__(self, batches) -> float:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        reported = get_forward_backward_func()(
-            forward_step_func=partial(_bare_forward_step, self.device),
-            data_iterator=iter(batches),
-            model=self.model,
-            num_microbatches=len(batches),
-            seq_length=batches[0].tokens.shape[1],
-            micro_batch_size=batches[0].tokens.shape[0],
-            forward_only=False,
-        )
-        self.optimizer.step()
-        total = torch.stack([r["lm loss"] for r in reported]).sum(0)
-        return float(total[0] / total[1])
-
-
-def _worker(rank, world_size, args, out_path):
-    from megatron.core import parallel_state
-
-    from dft_megatron.compat import install_cpu_bridge
-    from dft_megatron.data import GlobalBatchSampler, MockDataset
-    from dft_megatron.training.arguments import parse_args
-    from dft_megatron.training.trainer import validate
-
-    install_cpu_bridge()  # a no-op on GPU
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
-
-    steps = {}
-    for name in VARIANTS:
-        loss_type = "dft" if name == "trainer_dft" else "sft"
-        cfg, _ = parse_args(_trainer_flags(args, world_size, loss_type))
-        dp = validate(cfg, world_size, on_gpu)  # also fixes cfg.model.padded_vocab_size
-        step_cls = _BareMcoreStep if name == "mcore_bare" else _TrainerStep
-        steps[name] = step_cls(cfg, device)
-
-    # A few distinct global batches, made once and cycled: data loading is not measured.
-    m = cfg.model
-    sampler = GlobalBatchSampler(
-        MockDataset(m.vocab_size, m.seq_length, args.seed),
-        args.global_batch_size,
-        args.micro_batch_size,
-        parallel_state.get_data_parallel_rank(),
-        dp,
+    args = get_args()
+    if config is None:
+        config = core_transformer_config_from_args(args)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(args, config, vp_stage),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
     )
-    global_batches = [sampler.next_global_batch() for _ in range(4)]
+
+
+def mcore_get_batch(data_iterator, device: torch.device):
+    """One micro-batch as pretrain_gpt.py's get_batch returns it (every rank reads its own copy,
+    as dft_megatron's forward_step does, instead of a broadcast from TP rank 0)."""
+    fields = next(data_iterator)
+    tokens_ = fields["tokens"].to(device)
+    tokens, labels = tokens_[:, :-1].contiguous(), tokens_[:, 1:].contiguous()
+    loss_mask = fields["loss_mask"].to(device).float()
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    return tokens, labels, loss_mask, None, position_ids
+
+
+def mcore_loss_func(loss_mask, output_tensor, model=None):
+    """pretrain_gpt.py's loss_func: loss sum, token count, {"lm loss": [sum, count]}."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+    from megatron.training import get_args
+
+    args = get_args()
+    losses = output_tensor.view(-1).float()
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    if args.check_for_nan_in_loss_and_grad:
+        rerun_state_machine = get_rerun_state_machine()
+        for rejection_func, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            rerun_state_machine.validate_result(
+                result=loss,
+                rejection_func=rejection_func,
+                message=f"found {what} in local forward loss calculation",
+                tolerance=0.0,
+                fatal=True,
+            )
+    return loss, num_tokens, report
+
+
+def mcore_forward_step(data_iterator, model):
+    """pretrain_gpt.py's forward_step (no timers, straggler detector or ModelOpt)."""
+    device = next(model.parameters()).device
+    tokens, labels, loss_mask, attention_mask, position_ids = mcore_get_batch(data_iterator, device)
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+    return output_tensor, partial(mcore_loss_func, loss_mask, model=model)
+
+
+# ------------------------------------------------------------------ one variant
+
+
+class _Variant:
+    """One model, optimizer and scheduler of `setup_model_and_optimizer`, stepped by
+    Megatron-LM's `train_step` as `train()` calls it."""
+
+    def __init__(self, name: str, args):
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.enums import ModelType
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_model_config
+        from megatron.training import get_timers, initialize, training
+
+        from dft_megatron.models.provider import model_provider
+        from dft_megatron.training.metrics import DFTMetrics
+        from dft_megatron.training.step import forward_step
+
+        self.name = name
+        self._training = training
+        # The seeding of initialize_megatron again: every variant starts from the same weights.
+        initialize._set_random_seed(
+            args.seed,
+            args.data_parallel_random_init,
+            args.te_rng_tracker,
+            args.inference_rng_tracker,
+            use_cudagraphable_rng=args.cuda_graph_impl != "none",
+        )
+        if name == REFERENCE:
+            provider, self.metrics = mcore_gpt_provider, None
+            self.forward_step_func = mcore_forward_step
+        else:
+            provider, self.metrics = model_provider, DFTMetrics(None)
+            self.forward_step_func = partial(
+                forward_step, self.metrics, args.check_for_nan_in_loss_and_grad
+            )
+        loss_type = args.loss_type
+        args.loss_type = "dft" if name == "engine_dft" else "sft"  # model_provider reads it
+        try:
+            self.model, self.optimizer, self.scheduler = training.setup_model_and_optimizer(
+                ModelType.encoder_or_decoder, model_provider_func=provider
+            )
+        finally:
+            args.loss_type = loss_type
+        # What train() sets up before its loop (no --overlap-grad-reduce / param-gather here).
+        for chunk in self.model:
+            chunk.train()
+        self.config = get_model_config(self.model[0])
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.timers = get_timers()
+        if self.config.finalize_model_grads_func is None:
+            self.config.finalize_model_grads_func = finalize_model_grads
+        self.forward_backward_func = get_forward_backward_func(schedule_pg_collection=None)
+        self.iteration = self.skipped = 0
+
+    def step(self, data_iterator) -> float:
+        """One train_step; returns its "lm loss" (the global token mean)."""
+        loss_dict, skipped, *_ = self._training.train_step(
+            self.forward_step_func,
+            data_iterator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.config,
+            self.forward_backward_func,
+            iteration=self.iteration,
+        )
+        self.skipped += int(skipped)  # counted and reported (fp16: the loss scaler skips)
+        return float(loss_dict["lm loss"])
+
+    def after_step(self) -> None:
+        """What training_log's DFT hook does on an iteration it does not log."""
+        self.iteration += 1
+        if self.metrics is not None:
+            self.metrics.log_train(self.iteration, None, None, False, log=False)
+
+
+# ------------------------------------------------------------------ per rank
+
+
+def _worker(rank, world_size, megatron_argv, bench, out_path):
+    from dft_megatron.compat.megatron_training import (
+        install_megatron_training_cpu_bridge,
+        install_megatron_training_fixes,
+    )
+
+    install_megatron_training_fixes()
+    install_megatron_training_cpu_bridge()  # a no-op on GPU
+    from dft_megatron.compat import install_distributed_optimizer_fixes
+
+    install_distributed_optimizer_fixes()
+
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.rerun_state_machine import RerunDataIterator
+    from megatron.training import get_tokenizer, initialize, training
+
+    from dft_megatron.data.provider import DatasetsProvider
+    from dft_megatron.training.arguments import data_config, parse_megatron_args
+
+    args = parse_megatron_args([*megatron_argv, "--tensor-model-parallel-size", str(world_size)])
+    initialize.initialize_megatron()  # looked up now: the CPU bridge wraps it
+    on_gpu = torch.cuda.is_available() and args.distributed_backend == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+    steps = {name: _Variant(name, args) for name in VARIANTS}
+
+    # Megatron-LM's data iterator on dft_megatron's provider; a few global batches drawn once.
+    provider = DatasetsProvider(args, data_config(args), None, get_tokenizer().vocab_size)
+    train_iterator, _, _ = training.build_train_valid_test_data_iterators(provider)
+    num_microbatches = get_num_microbatches()
+    global_batches = [
+        [next(train_iterator) for _ in range(num_microbatches)] for _ in range(_GLOBAL_BATCHES)
+    ]
 
     samples = {name: [] for name in VARIANTS}
     first_loss = {}
-    for rep in range(args.warmup + args.reps):
+    for rep in range(bench.warmup + bench.reps):
         batches = global_batches[rep % len(global_batches)]
         shift = rep % len(VARIANTS)
         for name in VARIANTS[shift:] + VARIANTS[:shift]:
-            losses = []
+            variant, losses = steps[name], []
             sample = measure_once(
-                lambda b, fn=steps[name], out=losses: out.append(fn(b)),
-                lambda b=batches: b,
+                lambda it, v=variant, out=losses: out.append(v.step(it)),
+                lambda b=batches: RerunDataIterator(iter(b)),  # as Megatron-LM wraps it
                 device,
                 barrier=dist.barrier,
             )
+            variant.after_step()
             if rep == 0:
                 first_loss[name] = losses[0]
-            if rep >= args.warmup:
+            if rep >= bench.warmup:
                 samples[name].append(sample)
     if rank == 0:
         results = {
             "seconds": {name: [t for t, _ in samples[name]] for name in VARIANTS},
             "peak_bytes": {name: summarize(samples[name])[1] for name in VARIANTS},
             "first_loss": first_loss,
+            "skipped": {name: steps[name].skipped for name in VARIANTS},
+            "setup": {
+                "transformer_impl": args.transformer_impl,
+                "params_dtype": str(args.params_dtype).removeprefix("torch."),
+                "padded_vocab_size": args.padded_vocab_size,
+                "vocab_size": get_tokenizer().vocab_size,
+                "num_microbatches": num_microbatches,
+                "tokens_per_step": args.global_batch_size * args.seq_length,
+            },
         }
         with open(out_path, "w") as f:
             json.dump(results, f)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-attention-heads", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences")
-    parser.add_argument("--global-batch-size", type=int, default=4, help="sequences per step")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--reps", type=int, default=25, help="timed steps per variant")
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
+# ------------------------------------------------------------------ the report
 
-    rows, notes, backend = [], [], "gloo"
-    for tp in args.tp:
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other arguments are Megatron-LM flags, applied after the defaults: "
+        + " ".join(MEGATRON_FLAGS),
+        allow_abbrev=False,
+    )
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--reps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
+    bench, extra = parser.parse_known_args(argv)
+    for flag in _SET_HERE:
+        if any(a == flag or a.startswith(flag + "=") for a in extra):
+            parser.error(f"{flag} is set by the benchmark (--tp, and the variant)")
+    if bench.reps < 1:
+        parser.error("--reps must be at least 1")
+    megatron_argv = [*MEGATRON_FLAGS, *extra]
+
+    load_start = os.getloadavg()[0]
+    rows, notes, setup, backend = [], [], {}, "gloo"
+    for tp in bench.tp:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "results.json")
-            backend = spawn_ranks(_worker, tp, args, out)
+            backend = spawn_ranks(_worker, tp, megatron_argv, bench, out)
             with open(out) as f:
                 got = json.load(f)
-        seconds, first = got["seconds"], got["first_loss"]
+        seconds, first, setup = got["seconds"], got["first_loss"], got["setup"]
         for name in VARIANTS:
             rows.append(
-                (
-                    tp,
-                    name,
-                    statistics.median(seconds[name]) * 1e3,
-                    paired_ratio(seconds, name, "mcore_bare"),
-                    paired_ratio(seconds, name, "trainer_sft"),
-                    got["peak_bytes"][name] / MiB,
-                )
+                {
+                    "tp": tp,
+                    "method": name,
+                    "ms": statistics.median(seconds[name]) * 1e3,
+                    "time_ratio_mcore": paired_ratio(seconds, name, REFERENCE),
+                    "time_ratio_sft": paired_ratio(seconds, name, "engine_sft"),
+                    "peak_mib": got["peak_bytes"][name] / MiB,
+                }
             )
-        notes.append(
-            f"TP {tp} first-step loss: trainer_sft {first['trainer_sft']:.6f}, mcore_bare "
-            f"{first['mcore_bare']:.6f} (same init and batch: must agree); trainer_dft "
-            f"{first['trainer_dft']:.6f}"
+        sft, ref = first["engine_sft"], first[REFERENCE]
+        agree = math.isclose(sft, ref, rel_tol=1e-5, abs_tol=1e-6)
+        padded = setup["padded_vocab_size"] - setup["vocab_size"]
+        must = (
+            "same weights and batch: must agree"
+            if padded <= 0
+            else f"the {padded} padded vocabulary columns are masked out of the softmax by "
+            "DFTGPTModel, not by GPTModel: give a --vocab-size that needs no padding to compare"
         )
+        notes.append(
+            f"TP {tp} first-step lm loss: engine_sft {sft:.6f}, mcore_gpt {ref:.6f} "
+            f"(difference {sft - ref:.2e}: {'agree' if agree else 'DIFFER'}; {must}); "
+            f"engine_dft (the DFT loss) {first['engine_dft']:.6f}"
+        )
+        if any(got["skipped"].values()):
+            notes.append(f"TP {tp} optimizer steps skipped (loss scaling): {got['skipped']}")
 
-    tokens = args.global_batch_size * args.seq_length
-    ranks = "each rank: 1 thread" if backend == "gloo" else "NCCL, one GPU per rank"
-    print(f"\n{command_line()}\n{versions()} (main process; {ranks})")
+    ranks = "each rank: 1 thread, gloo" if backend == "gloo" else "NCCL, one GPU per rank"
+    load = f"1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    print(f"\n{command_line()}\n{versions()} (main process; {ranks}); {load}")
+    print(f"Megatron-LM flags: {' '.join(megatron_argv)}")
     print(
-        f"model: {args.num_layers} layers, hidden {args.hidden_size}, "
-        f"{args.num_attention_heads} heads, seq {args.seq_length}, vocab {args.vocab_size}, "
-        f"fp32, local layer spec; {args.global_batch_size} sequences ({tokens} tokens) per step "
-        f"in micro-batches of {args.micro_batch_size}; {args.reps} steps per variant after "
-        f"{args.warmup} warm-up; step ms: median; ratios: median over the repetitions of the "
-        "ratio within one repetition\n"
+        f"{setup['transformer_impl']} layer spec, {setup['params_dtype']}, padded vocab "
+        f"{setup['padded_vocab_size']}; {setup['tokens_per_step']} tokens per step in "
+        f"{setup['num_microbatches']} micro-batches; {bench.reps} steps per variant after "
+        f"{bench.warmup} warm-up, round-robin in a rotating order; step ms: median; ratios: "
+        "median over the repetitions of the ratio within one repetition\n"
     )
-    print("| TP | variant | step ms | / mcore_bare | / trainer_sft | peak MiB |")
+    print(f"| TP | method | step ms | / {REFERENCE} | / engine_sft | peak MiB |")
     print("|---:|---|---:|---:|---:|---:|")
-    for tp, name, ms, rb, rs, mib in rows:
-        print(f"| {tp} | {name} | {ms:.1f} | {rb:.3f} | {rs:.3f} | {mib:.0f} |")
-    print()
-    for tp in args.tp:
-        r = {name: (rb, rs) for t, name, _, rb, rs, _ in rows if t == tp}
+    for r in rows:
         print(
-            f"TP {tp}: DFT / SFT = {r['trainer_dft'][1]:.3f} (target <= 1.02); "
-            f"trainer (dft) / bare Megatron-Core = {r['trainer_dft'][0]:.3f}, "
-            f"trainer (sft) / bare = {r['trainer_sft'][0]:.3f} (target <= 1.03)"
+            f"| {r['tp']} | {r['method']} | {r['ms']:.1f} | {r['time_ratio_mcore']:.3f} | "
+            f"{r['time_ratio_sft']:.3f} | {r['peak_mib']:.0f} |"
+        )
+    print()
+    for tp in bench.tp:
+        r = {row["method"]: row for row in rows if row["tp"] == tp}
+        print(
+            f"TP {tp}: engine_dft / engine_sft = {r['engine_dft']['time_ratio_sft']:.3f} "
+            f"(target <= 1.02); engine_dft / mcore_gpt = "
+            f"{r['engine_dft']['time_ratio_mcore']:.3f}, engine_sft / mcore_gpt = "
+            f"{r['engine_sft']['time_ratio_mcore']:.3f} (target <= 1.03)"
         )
     for note in notes:
         print(note)
+    if bench.json:
+        keys = ("tp", "method", "ms", "time_ratio_mcore", "peak_mib")
+        with open(bench.json, "w") as f:
+            json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

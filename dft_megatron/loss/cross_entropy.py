@@ -58,8 +58,9 @@ class DFTLossStats(NamedTuple):
     target_prob: torch.Tensor
     """[s, b] (or [tokens]) softmax probability of the target token; 0 where ignored."""
 
-    entropy: torch.Tensor
-    """[s, b] (or [tokens]) entropy of the full-vocabulary predictive distribution, in nats."""
+    entropy: torch.Tensor | None
+    """[s, b] (or [tokens]) entropy of the full-vocabulary predictive distribution, in nats;
+    None when not asked for (`return_entropy=False`)."""
 
     cross_entropy: torch.Tensor
     """[s, b] (or [tokens]) plain (unweighted) cross-entropy -log p; 0 where ignored."""
@@ -94,7 +95,9 @@ def _sum_exp_times_logit(exp_logits: torch.Tensor) -> torch.Tensor:
 
 class _VocabParallelDFTCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vocab_parallel_logits, target, ignored, weighting, tp_group, return_stats):
+    def forward(
+        ctx, vocab_parallel_logits, target, ignored, weighting, tp_group, return_stats, entropy
+    ):
         # [*, v/tp] -> fp32 [*, v/tp] (the input itself when already fp32 or fp64)
         logits = vocab_parallel_logits
         if logits.dtype not in (torch.float32, torch.float64):
@@ -114,7 +117,7 @@ class _VocabParallelDFTCrossEntropy(torch.autograd.Function):
             )
         )
         partials = [predicted_logits, sum_exp]
-        if return_stats:
+        if return_stats and entropy:
             partials.append(_sum_exp_times_logit(exp_logits))
         partials = torch.stack(partials)  # [2 or 3, *]
         _all_reduce(partials, dist.ReduceOp.SUM, tp_group)
@@ -131,7 +134,8 @@ class _VocabParallelDFTCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(softmax, target_mask, masked_target_1d, weight)
         if not return_stats:
             return loss
-        entropy = torch.log(sum_exp) - partials[2] / sum_exp
+        # Without the entropy: an empty placeholder (the wrapper returns None for it).
+        entropy = torch.log(sum_exp) - partials[2] / sum_exp if entropy else ce.new_empty(0)
         ce = ce.masked_fill_(ignored, 0.0)
         ctx.mark_non_differentiable(target_prob, entropy, ce)
         return loss, target_prob, entropy, ce
@@ -146,7 +150,7 @@ class _VocabParallelDFTCrossEntropy(torch.autograd.Function):
         grad_input = VocabParallelCrossEntropy.calculate_gradients(
             grad_2d, arange_1d, masked_target_1d, softmax_update, grad_input, grad_loss * weight
         )
-        return grad_input, None, None, None, None, None
+        return grad_input, None, None, None, None, None, None
 
 
 def _default_tp_group() -> dist.ProcessGroup | None:
@@ -179,6 +183,7 @@ def vocab_parallel_dft_cross_entropy(
     ignore_index: int = -100,
     tp_group: dist.ProcessGroup | None = None,
     return_stats: bool = False,
+    return_entropy: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, DFTLossStats]:
     """Per-token DFT (or plain) cross-entropy of logits split over the vocabulary.
 
@@ -198,6 +203,9 @@ def vocab_parallel_dft_cross_entropy(
             otherwise none (the logits hold the whole vocabulary).
         return_stats: also return `DFTLossStats` (per-token target probability, entropy
             and plain cross-entropy, for logging).
+        return_entropy: with `return_stats`, whether to compute the entropy (one more pass
+            over the softmax and a third all-reduced row); False gives entropy None, and the
+            target probability and CE for free.
 
     Returns:
         fp32 per-token loss with the target's shape ([s, b] or [tokens]); with
@@ -232,9 +240,9 @@ def vocab_parallel_dft_cross_entropy(
     target = target.masked_fill(ignored, -1)
 
     out = _VocabParallelDFTCrossEntropy.apply(
-        vocab_parallel_logits, target, ignored, weighting, tp_group, return_stats
+        vocab_parallel_logits, target, ignored, weighting, tp_group, return_stats, return_entropy
     )
     if not return_stats:
         return out
-    loss, *stats = out
-    return loss, DFTLossStats(*stats)
+    loss, target_prob, entropy, ce = out
+    return loss, DFTLossStats(target_prob, entropy if return_entropy else None, ce)

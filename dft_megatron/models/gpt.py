@@ -165,8 +165,9 @@ class DFTGPTModel(GPTModel):
 
     While `collect_stats` is True (the default), each forward with labels leaves that
     micro-batch's per-token DFTLossStats in `last_loss_stats`, [b, s] each (last pipeline
-    stage only); the entropy in them costs one more pass over the softmax, so the trainer
-    turns it on for the steps it logs. Otherwise `last_loss_stats` is None.
+    stage only); otherwise `last_loss_stats` is None. The target probability and CE in them
+    are free; the entropy costs one more pass over the softmax, so the trainer sets
+    `collect_entropy` only for the steps it logs (entropy None otherwise).
     """
 
     def __init__(
@@ -179,6 +180,7 @@ class DFTGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.loss_weighting = loss_weighting or TokenWeighting()
         self.collect_stats = True
+        self.collect_entropy = True
         self.last_loss_stats: DFTLossStats | None = None
         # GPTModel's `vocab_size` is the padded row count.
         self.unpadded_vocab_size = unpadded_vocab_size or self.vocab_size
@@ -214,13 +216,16 @@ class DFTGPTModel(GPTModel):
             sft_mix=w.sft_mix,
             tp_group=self.tp_group,
             return_stats=self.collect_stats,
+            return_entropy=self.collect_entropy,
         )
         self.last_loss_stats = None
         loss = out
         if self.collect_stats:
             loss, stats = out
             # [s, b] -> [b, s]
-            self.last_loss_stats = DFTLossStats(*(t.transpose(0, 1) for t in stats))
+            self.last_loss_stats = DFTLossStats(
+                *(None if t is None else t.transpose(0, 1) for t in stats)
+            )
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
 

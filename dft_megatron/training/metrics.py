@@ -45,7 +45,8 @@ class MetricSums:
 
     def add(self, loss, stats, mask) -> None:
         """loss, stats fields and mask: [b, s]; mask 1.0 on target tokens. Without stats
-        (None: a step that is not logged) only the loss sum and the token count."""
+        (None) only the loss sum and the token count; without the entropy (None) its sum
+        stays 0."""
         m = mask.bool()
         if stats is None:
             self.values[0] += loss.detach()[m].double().sum().cpu()
@@ -63,7 +64,9 @@ class MetricSums:
                         loss.detach()[m].double().sum(),
                         stats.cross_entropy[m].double().sum(),
                         p.sum(),
-                        stats.entropy[m].double().sum(),
+                        p.new_zeros(())
+                        if stats.entropy is None
+                        else stats.entropy[m].double().sum(),
                         p.new_tensor(float(p.numel())),
                     ]
                 ),
@@ -112,6 +115,14 @@ class DFTMetrics:
 
     def add(self, loss, stats, mask, *, training: bool) -> None:
         (self.train if training else self.valid).add(loss, stats, mask)
+
+    @staticmethod
+    def wants_entropy(training: bool) -> bool:
+        """Whether this micro-batch's iteration is logged (validation always is)."""
+        from megatron.training import get_args
+
+        args = get_args()
+        return not training or (args.curr_iteration + 1) % args.log_interval == 0
 
     @staticmethod
     def is_logging_rank() -> bool:

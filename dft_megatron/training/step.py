@@ -12,8 +12,10 @@ gradients by the token count of the whole global batch, over micro-batches and D
 the objective is the global token mean of the (sample-weighted) DFT loss whatever the
 layout. The report holds [sum, count] pairs that Megatron-LM averages over the global
 batch and prints in its iteration line: "lm loss" (the loss optimized: DFT's), "ce loss",
-"target p", "entropy" and the four target-probability regimes. The same per-token values go
-into `DFTMetrics` (histogram, metrics JSONL; see training/metrics.py).
+"target p" and the four target-probability regimes, all free by-products of the loss. The
+same per-token values go into `DFTMetrics` (histogram, metrics JSONL, the "[dft]" line; see
+training/metrics.py), with the entropy on the iterations that are logged and in validation
+(it costs one more pass over the softmax, so not on every step).
 """
 
 from __future__ import annotations
@@ -67,14 +69,16 @@ def loss_func(batch: Batch, model, metrics: DFTMetrics | None, check_nan: bool, 
         "lm loss": pair(loss_sum),
         "ce loss": pair(stats.cross_entropy[m].sum()),
         "target p": pair(p.sum()),
-        "entropy": pair(stats.entropy[m].sum()),
     }
     counts = torch.bincount(regimes, minlength=len(REGIME_NAMES)).float()
     for name, c in zip(REGIME_NAMES, counts, strict=True):
         report[name] = pair(c)
-    # One copy per DP x CP rank (TP ranks hold the same values): the world SUM is the total.
-    if metrics is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-        metrics.add(loss, stats, mask, training=unwrap_model(model).training)
+    # Only for what is logged (the entropy is there then); one copy per DP x CP rank (TP
+    # ranks hold the same values), so the world SUM is the total.
+    net = unwrap_model(model)
+    first_tp_rank = parallel_state.get_tensor_model_parallel_rank() == 0
+    if metrics is not None and net.collect_entropy and first_tp_rank:
+        metrics.add(loss, stats, mask, training=net.training)
     return loss_sum, num_tokens, report
 
 
@@ -82,6 +86,8 @@ def forward_step(metrics: DFTMetrics | None, check_nan: bool, data_iterator, mod
     """`pretrain(forward_step_func=partial(forward_step, metrics, check_nan))`."""
     device = next(model.parameters()).device
     batch = get_batch(data_iterator, device)
+    # The entropy costs one more pass over the softmax: only where it is logged.
+    unwrap_model(model).collect_entropy = metrics is None or metrics.wants_entropy(model.training)
     attention_mask, packed = None, None
     if batch.segment_ids is not None:  # packed samples: attention stays inside each
         if unwrap_model(model).config.transformer_impl == "transformer_engine":

@@ -197,19 +197,36 @@ def check_collectives(tp_group):
     x = shard(logits64.float(), dist.get_world_size(tp_group), dist.get_rank(tp_group))
     dist.all_reduce = counting_all_reduce
     try:
-        for return_stats in (False, True):
+        results = {}
+        for return_stats, return_entropy in ((False, True), (True, False), (True, True)):
             calls.clear()
             y = x.clone().requires_grad_()
             out = vocab_parallel_dft_cross_entropy(
-                y.clone(), target, tp_group=tp_group, return_stats=return_stats
+                y.clone(),
+                target,
+                tp_group=tp_group,
+                return_stats=return_stats,
+                return_entropy=return_entropy,
             )
             loss = out[0] if return_stats else out
             loss.sum().backward()
-            rows = 3 if return_stats else 2
+            rows = 3 if return_stats and return_entropy else 2
             assert calls == [
                 (dist.ReduceOp.MAX, (SEQ, BATCH)),
                 (dist.ReduceOp.SUM, (rows, SEQ, BATCH)),
             ], calls
+            results[(return_stats, return_entropy)] = (
+                loss,
+                y.grad,
+                out[1] if return_stats else None,
+            )
+        # Without the entropy: the same loss, gradient, target p and CE (to the fp32 rounding
+        # of a differently chunked all-reduce), and entropy None.
+        (l1, g1, s1), (l2, g2, s2) = results[(True, False)], results[(True, True)]
+        for a, b in ((l1, l2), (g1, g2), (s1.target_prob, s2.target_prob)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(s1.cross_entropy, s2.cross_entropy, rtol=1e-6, atol=1e-7)
+        assert s1.entropy is None and s2.entropy is not None
     finally:
         dist.all_reduce = real_all_reduce
 
