@@ -1,16 +1,25 @@
-"""Time and peak memory of the conversions, Hugging Face -> Megatron-Core and back.
+"""Time and peak memory of the conversions, Hugging Face -> Megatron-LM checkpoint and back.
 
 The model: Llama-3.2-1B's shape by default (16 layers, hidden 2048, 32 heads in 8 query
 groups, ffn 8192, vocabulary 128256, tied embeddings: 1.24B parameters), bf16, random
 weights written straight into safetensors files one shard at a time with
 transformers' naming (no transformers model is instantiated), with its config.json. Then,
-in this one process (CPU, a gloo world of 1):
+in this one process (CPU; each conversion opens its own one-process Megatron-LM session, as
+tools/convert_*.py do):
 
   read          every tensor of the safetensors files read once into memory (the time unit)
-  hf_to_mcore   convert_hf_to_megatron: headers checked, model built, tensors copied in,
-                saved with the trainer's torch_dist checkpointing
-  mcore_to_hf   convert_megatron_to_hf: loaded at TP1, tensors cut out and written in
-                shards, config.json, generation_config.json
+  hf_load_save  transformers on the same folder: AutoModelForCausalLM.from_pretrained and
+                save_pretrained (the reference: what transformers' own load and write of
+                the model costs)
+  hf_to_mcore   convert_hf_to_megatron: headers checked, model built by the trainer's model
+                provider, tensors copied in, saved with Megatron-LM's save_checkpoint
+                (torch_dist, a release checkpoint)
+  mcore_to_hf   convert_megatron_to_hf: loaded at TP1 with Megatron-LM's load_checkpoint,
+                tensors cut out and written in shards, config.json, generation_config.json
+
+Before the timed repetitions, both conversions run once on a tiny model of the same family,
+so that the imports, the first Megatron-LM session and dist_checkpointing's writer process
+(started once per process) are not counted.
 
 Time: seconds, and as a multiple of `read` measured in the same repetition (median over
 repetitions). Peak memory: the resident set's high-water mark above its level at the start
@@ -93,6 +102,34 @@ def read_once(folder: Path) -> None:
                 f.get_tensor(name).clone()
 
 
+def hf_load_save(folder: Path, out: Path, dtype: torch.dtype, max_shard_size: str) -> None:
+    """transformers' own load and write of the model (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    del model
+
+
+def llama(**sizes):
+    """A Llama-3.2-shaped ModelConfig (RoPE scaling, GQA, tied embeddings) of these sizes."""
+    from dft_megatron.models import ModelConfig
+
+    return ModelConfig(
+        family="llama",
+        max_position_embeddings=131072,
+        position_embedding_type="rope",
+        rotary_base=500000,
+        rope_scaling=True,
+        rope_scaling_factor=32.0,
+        normalization="RMSNorm",
+        swiglu=True,
+        add_bias_linear=False,
+        untie_embeddings_and_output_weights=False,
+        **sizes,
+    )
+
+
 def timed(fn) -> tuple[float, int]:
     with PeakMemory(torch.device("cpu")) as mem:
         start = time.perf_counter()
@@ -117,55 +154,52 @@ def main(argv=None):
     p.add_argument("--tmp", default=None, help="work folder (default: a temporary one)")
     args = p.parse_args(argv)
 
-    from dft_megatron.convert.common import DTYPES, single_process
+    from dft_megatron.convert.common import DTYPES
     from dft_megatron.convert.hf_to_megatron import convert_hf_to_megatron
     from dft_megatron.convert.megatron_to_hf import convert_megatron_to_hf
-    from dft_megatron.models import ModelConfig
 
     dtype = DTYPES[args.dtype]
-    model = ModelConfig(
-        family="llama",
+    model = llama(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups,
-        max_position_embeddings=131072,
-        position_embedding_type="rope",
-        rotary_base=500000,
-        rope_scaling=True,
-        rope_scaling_factor=32.0,
-        normalization="RMSNorm",
-        swiglu=True,
-        add_bias_linear=False,
-        untie_embeddings_and_output_weights=False,
         vocab_size=args.vocab_size,
     )
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         work = Path(tmp)
-        hf, mcore, back = work / "hf", work / "mcore", work / "back"
+        # Warm-up (untimed): imports, the first session, dist_checkpointing's writer process.
+        tiny = llama(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                     num_query_groups=2, vocab_size=256)  # fmt: skip
+        write_random_hf_model(tiny, work / "tiny", dtype, args.max_shard_size)
+        convert_hf_to_megatron(work / "tiny", work / "tiny_mcore")
+        convert_megatron_to_hf(work / "tiny_mcore", work / "tiny_back")
+        hf_load_save(work / "tiny", work / "tiny_hf", dtype, args.max_shard_size)
+
+        hf, mcore, back, resaved = work / "hf", work / "mcore", work / "back", work / "resaved"
         t0 = time.perf_counter()
         size = write_random_hf_model(model, hf, dtype, args.max_shard_size)
         params = size // dtype.itemsize
         print(f"wrote {params / 1e9:.2f}B parameters ({size / MiB:.0f} MiB) in "
               f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
-        samples = {k: [] for k in ("read", "hf_to_mcore", "mcore_to_hf")}
-        with single_process():
-            for rep in range(args.reps):
-                for path in (mcore, back):
-                    shutil.rmtree(path, ignore_errors=True)
-                samples["read"].append(timed(lambda: read_once(hf)))
-                samples["hf_to_mcore"].append(timed(lambda: convert_hf_to_megatron(hf, mcore)))
-                samples["mcore_to_hf"].append(
-                    timed(
-                        lambda: convert_megatron_to_hf(
-                            mcore, back, max_shard_size=args.max_shard_size
-                        )
-                    )
+        samples = {k: [] for k in ("read", "hf_load_save", "hf_to_mcore", "mcore_to_hf")}
+        for rep in range(args.reps):
+            for path in (mcore, back, resaved):
+                shutil.rmtree(path, ignore_errors=True)
+            samples["read"].append(timed(lambda: read_once(hf)))
+            samples["hf_load_save"].append(
+                timed(lambda: hf_load_save(hf, resaved, dtype, args.max_shard_size))
+            )
+            samples["hf_to_mcore"].append(timed(lambda: convert_hf_to_megatron(hf, mcore)))
+            samples["mcore_to_hf"].append(
+                timed(
+                    lambda: convert_megatron_to_hf(mcore, back, max_shard_size=args.max_shard_size)
                 )
-                print(f"repetition {rep + 1}: " + ", ".join(
-                    f"{k} {v[-1][0]:.1f} s / {v[-1][1] / MiB:.0f} MiB" for k, v in samples.items()
-                ))  # fmt: skip
+            )
+            print(f"repetition {rep + 1}: " + ", ".join(
+                f"{k} {v[-1][0]:.1f} s / {v[-1][1] / MiB:.0f} MiB" for k, v in samples.items()
+            ))  # fmt: skip
 
     print(f"\n{command_line()}\n{versions()}")
     print(
@@ -186,5 +220,5 @@ def main(argv=None):
         print(f"| {key} | {seconds:.1f} | {ratio:.2f} | {peak / MiB:.0f} | {peak / size:.2f} |")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # also: dist_checkpointing's writer process imports this module
     main()

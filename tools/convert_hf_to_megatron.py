@@ -1,10 +1,18 @@
-"""Hugging Face folder -> dft_megatron checkpoint (Megatron-Core torch_dist), with logits check.
+"""Hugging Face folder -> Megatron-LM checkpoint (torch_dist), with an optional logits check.
 
     python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-Math-1.5B --megatron-dir ckpt/qwen
     torchrun ... -m dft_megatron.train --load ckpt/qwen --finetune ...   # any TP x PP
 
-Runs on CPU in one process (GPUs are hidden): peak memory about one copy of the model in the
-target dtype. See dft_megatron/convert/hf_to_megatron.py.
+The output is a checkpoint in Megatron-LM's own format, as Megatron-LM's converters write a
+model: ckpt/qwen/latest_checkpointed_iteration.txt ("release"), ckpt/qwen/release/ (torch_dist
+files: the weights, and the args that describe the architecture) and ckpt/qwen/tokenizer/ (the
+Hugging Face tokenizer). `-m dft_megatron.train --load ckpt/qwen`, with or without
+--finetune (and --eval-only), loads it without model flags, at iteration 0 with a fresh
+optimizer, at any TP x PP whose sizes divide its heads, layers and padded vocabulary.
+
+Runs on CPU in one process (GPUs are hidden; launch it with python, not torchrun): peak
+memory about one copy of the model in the target dtype. See
+dft_megatron/convert/hf_to_megatron.py.
 """
 
 from __future__ import annotations
@@ -22,13 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python tools/convert_hf_to_megatron.py",
         description="Convert a Hugging Face Llama / Mistral / Qwen2 folder (config.json + "
-        "safetensors) into a checkpoint that `dft_megatron.train --load DIR --finetune` and "
-        "`--eval-only` load at any TP x PP without model flags.",
+        "safetensors) into a Megatron-LM checkpoint (torch_dist, a 'release' checkpoint with "
+        "the architecture in its args, and the tokenizer in DIR/tokenizer) that "
+        "`-m dft_megatron.train --load DIR` loads without model flags, with or without "
+        "--finetune (and with --eval-only), at any TP x PP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--hf-dir", required=True, help="Hugging Face model folder (local)")
     p.add_argument(
-        "--megatron-dir", required=True, help="output checkpoint folder (the --load argument)"
+        "--megatron-dir",
+        required=True,
+        help="output checkpoint folder: the --load DIR of dft_megatron.train",
     )
     p.add_argument(
         "--dtype",
@@ -56,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="only sets the padding multiple; the checkpoint loads at every TP size that "
-        "divides heads, query groups and the padded vocabulary",
+        "divides the heads and the padded vocabulary (query groups: a multiple or a divisor "
+        "of it; Megatron-Core replicates them over TP ranks when fewer)",
     )
     return p
 
@@ -64,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from dft_megatron.convert.common import single_process
     from dft_megatron.convert.families import ConversionError
     from dft_megatron.convert.hf_to_megatron import convert_hf_to_megatron
     from dft_megatron.convert.verify import verify_conversion
@@ -72,21 +84,20 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     try:
-        with single_process():
-            path = convert_hf_to_megatron(
-                args.hf_dir,
-                args.megatron_dir,
-                dtype=args.dtype,
-                force=args.force,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                tensor_model_parallel_size=args.tensor_model_parallel_size,
-            )
-            print(f"wrote {path}")
-            if args.verify:
-                result = verify_conversion(args.hf_dir, args.megatron_dir)
-                print(f"verify: {result.report()}")
-                if not result.passed:
-                    return 1
+        path = convert_hf_to_megatron(
+            args.hf_dir,
+            args.megatron_dir,
+            dtype=args.dtype,
+            force=args.force,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+        )
+        print(f"wrote {path}")
+        if args.verify:
+            result = verify_conversion(args.hf_dir, args.megatron_dir)
+            print(f"verify: {result.report()}")
+            if not result.passed:
+                return 1
     except (ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

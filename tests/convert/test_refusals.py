@@ -3,7 +3,8 @@
 Each case names its reason in the error: an unsupported architecture names the supported
 ones; a config the mapping cannot express (sliding window, unknown RoPE scaling, biases) says
 which setting; a missing, mis-shaped or unknown tensor names the tensor; a non-empty output
-folder asks for --force.
+folder asks for --force; an export names what a folder that is not a (complete) Megatron-LM
+save directory holds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from dft_megatron.convert.families import (
     tensor_maps,
 )
 from dft_megatron.convert.hf_to_megatron import plan_import
-from dft_megatron.convert.megatron_to_hf import parse_size, shard_plan
+from dft_megatron.convert.megatron_to_hf import (
+    load_flags,
+    parse_size,
+    resolve_checkpoint,
+    shard_plan,
+)
 from dft_megatron.models import ModelConfig
 from tests.convert.hf_models import hf_config
 
@@ -269,3 +275,45 @@ def test_shard_sizes():
     assert [m for s in shards for m in s] == maps
     sizes = [sum(4 * torch.Size(m.hf_shape).numel() for m in s) for s in shards]
     assert all(size <= 100_000 for size in sizes) and len(shards) > 1
+
+
+def _save_dir(root, tracker: str, folders: dict[str, bool]):
+    """A Megatron-LM save directory: the tracker file and folders (complete: metadata.json)."""
+    root.mkdir()
+    (root / "latest_checkpointed_iteration.txt").write_text(tracker)
+    for name, complete in folders.items():
+        (root / name).mkdir()
+        if complete:
+            (root / name / "metadata.json").write_text("{}")
+    return root
+
+
+def test_export_resolves_megatron_lm_save_directories(tmp_path):
+    """What --megatron-dir / --iteration pick (as --load / --ckpt-step do), and the refusals."""
+    with pytest.raises(FileNotFoundError, match="not a Megatron-LM save directory"):
+        resolve_checkpoint(tmp_path, None)
+    release = _save_dir(tmp_path / "release_ckpt", "release", {"release": True})
+    assert resolve_checkpoint(release, None) == (release, release / "release")
+    assert resolve_checkpoint(release / "release", None) == (release, release / "release")
+    assert load_flags(release, release / "release") == [
+        f"--load={release}",
+        "--use-checkpoint-args",
+        "--no-load-optim",
+        "--no-load-rng",
+    ]
+
+    run = _save_dir(
+        tmp_path / "run", "4", {"iter_0000002": True, "iter_0000004": True, "iter_0000006": False}
+    )
+    assert resolve_checkpoint(run, None) == (run, run / "iter_0000004")
+    assert resolve_checkpoint(run, 2) == (run, run / "iter_0000002")
+    assert resolve_checkpoint(run / "iter_0000002", None) == (run, run / "iter_0000002")
+    assert load_flags(run, run / "iter_0000002")[-1] == "--ckpt-step=2"
+    with pytest.raises(FileNotFoundError, match=r"iter_0000003 is not a complete.*iter_0000002"):
+        resolve_checkpoint(run, 3)
+    with pytest.raises(FileNotFoundError, match="iter_0000006 is not a complete torch_dist"):
+        resolve_checkpoint(run, 6)  # an interrupted save: no metadata.json
+
+    bad = _save_dir(tmp_path / "bad", "latest", {})
+    with pytest.raises(ValueError, match="neither an iteration number nor 'release'"):
+        resolve_checkpoint(bad, None)

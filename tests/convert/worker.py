@@ -1,20 +1,27 @@
-"""The processes of tests/convert/test_conversion.py: `python -m tests.convert.worker STEP WORK`.
+"""The processes of tests/convert/test_conversion.py: `python -m tests.convert.worker STEPS
+WORK` runs the comma-separated STEPS in one process (under torch.distributed.run for all but
+`convert`), in order, each leaving its results under WORK for the tests to compare.
 
-- `convert` (one process, as tools/convert_*.py run): every import and export of the tests in
-  one Megatron-LM process (sessions one after another): llama through the import CLI with
-  --verify, again without --force (refused) and with --force; mistral and qwen2 through the
-  library; each exported back to HF in 100KB shards; verification of a wrong model; the
-  trainer's model config at a TP size that does not divide the attention heads, or whose
-  query groups are neither a multiple nor a divisor of it. Results in WORK/convert.json.
-- `layouts` (under torch.distributed.run, 4 processes): each import loaded at TP1, TP2, PP2,
-  TP2 x PP2 and TP4 (DP fills the rest) as the trainer does it (Megatron-LM's arguments from
-  the checkpoint, `initialize_megatron`, `get_model` with the trainer's model provider,
-  Megatron-LM's `load_checkpoint`); one forward through Megatron-Core's pipeline schedule
-  for the logits (gathered over TP) and one through the trainer's own `forward_step` for the
-  CE. Results in WORK/{family}_tp{TP}_pp{PP}.pt.
+- `convert` (one process, as tools/convert_*.py run; Megatron-LM sessions one after
+  another): llama imported through the import CLI with --verify, again without --force
+  (refused) and with --force; mistral and qwen2 through the library; each exported back to
+  HF in 100KB shards; the import CLI's --verify on a wrong model (two layers swapped);
+  verification of mistral's checkpoint against llama's HF folder; the trainer's model config
+  at a TP size that does not divide the attention heads or query groups. WORK/convert.json.
+- `layouts` (4 processes): each import loaded as the trainer loads it (Megatron-LM's
+  arguments from the checkpoint, `initialize_megatron`, `get_model` with the trainer's model
+  provider, Megatron-LM's `load_checkpoint`) at TP1, TP2, PP2, TP2 x PP2 (llama also TP4;
+  DP fills the rest); one forward through Megatron-Core's pipeline schedule for the logits (gathered
+  over TP) and one through the trainer's own `forward_step` / `loss_func` for the CE.
+  WORK/{family}_tp{TP}_pp{PP}.pt.
+- `eval_only`, `train` (4 processes): `python -m dft_megatron.train`'s entry in this process
+  on the qwen2 import at TP2 x PP2 over WORK/rows.jsonl: --eval-only (WORK/eval_only.jsonl);
+  2 steps of fine-tuning saved at iteration 2 to WORK/trained and validated there
+  (WORK/train.jsonl).
 
-Conversion saves with dist_checkpointing, which starts a spawn multiprocessing manager that
-imports this module again: nothing runs at import.
+Conversion and training save with dist_checkpointing, which starts a spawn multiprocessing
+manager that imports this module again: nothing runs at import, and torch is imported where
+it is used (that process needs none of it).
 """
 
 from __future__ import annotations
@@ -25,21 +32,42 @@ import json
 import os
 import runpy
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
-import torch
-
 FAMILIES = ("llama", "mistral", "qwen2")
-LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2), (4, 1))  # (TP, PP) on 4 processes
+LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (TP, PP) on 4 processes
+
+
+def layouts_of(family: str) -> tuple[tuple[int, int], ...]:
+    """The layouts each import is loaded at; llama's also TP4, where its 2 query groups are
+    replicated over the 4 TP ranks (the other families have the same GQA shapes)."""
+    return (*LAYOUTS, (4, 1)) if family == "llama" else LAYOUTS
+
+
 SEQ, BATCH = 16, 2
-VOCAB = 96
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tokens() -> torch.Tensor:
-    """[b, s + 1] token ids: inputs [:, :-1], next-token targets [:, 1:]."""
-    return torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
+def tokens(high: int | None = None, seed: int = 3):
+    """[b, s + 1] token ids below `high` (the model's vocabulary): inputs [:, :-1], next-token
+    targets [:, 1:]."""
+    import torch
+
+    from tests.convert.hf_models import VOCAB
+
+    high = high or VOCAB
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (BATCH, SEQ + 1), generator=g)
+
+
+def rows():
+    """The trainer's pre-tokenized rows (WORK/rows.jsonl): ids the tokenizer has (the data
+    check refuses the others, although the model's 96 rows would take them)."""
+    from tests.convert.hf_models import CHARS, SPECIAL
+
+    return tokens(len(SPECIAL) + len(CHARS), seed=4)  # the tokenizer's 49 of the 96
 
 
 def _tool(name: str):
@@ -78,6 +106,8 @@ def _config_error(argv: list[str], world_size: int) -> str:
 
 
 def convert(work: Path) -> None:
+    import torch
+
     from dft_megatron.compat.megatron_training import install_megatron_training_cpu_bridge
     from dft_megatron.convert import (
         convert_hf_to_megatron,
@@ -87,6 +117,14 @@ def convert(work: Path) -> None:
 
     install_megatron_training_cpu_bridge()
     results = {}
+    seconds = results["seconds"] = {}
+    start = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        seconds[name] = round(time.monotonic() - start, 2)
+        start = time.monotonic()
+
     for family in FAMILIES:
         hf, mg = work / "hf" / family, work / "mg" / family
         if family == "llama":  # through the CLI
@@ -99,14 +137,37 @@ def convert(work: Path) -> None:
             results["import_cli_force_rc"] = _tool("convert_hf_to_megatron")([*argv, "--force"])
         else:
             convert_hf_to_megatron(hf, mg)
+        lap(f"import {family}")
         # Small shards: the index path of the export.
         convert_megatron_to_hf(mg, work / "back" / family, max_shard_size="100KB")
+        lap(f"export {family}")
+    # The import CLI's --verify exits 1 for a wrong model: layers 0 and 1 of the MLP output
+    # projection swapped after the import copied them.
+    from dft_megatron.convert import hf_to_megatron
+
+    copy = hf_to_megatron.load_hf_weights
+
+    def copy_then_swap(plan, net):
+        done = copy(plan, net)
+        a, b = (net.decoder.layers[i].mlp.linear_fc2.weight for i in (0, 1))
+        with torch.no_grad():
+            first = a.clone()
+            a.copy_(b)
+            b.copy_(first)
+        return done
+
+    hf_to_megatron.load_hf_weights = copy_then_swap
+    try:
+        argv = ["--hf-dir", str(work / "hf" / "mistral"), "--megatron-dir", str(work / "wrong")]
+        results["import_cli_wrong_model_rc"] = _tool("convert_hf_to_megatron")([*argv, "--verify"])
+    finally:
+        hf_to_megatron.load_hf_weights = copy
+    lap("wrong model")
     # Verification catches a wrong model: mistral's checkpoint against llama's HF folder. Both
     # hold the same random weights (same seed and shapes); only their RoPE differs.
     wrong = verify_conversion(work / "hf" / "llama", work / "mg" / "mistral")
     results["verify_wrong_model"] = [wrong.passed, wrong.max_abs_diff / wrong.max_abs_logit]
-    right = verify_conversion(work / "hf" / "mistral", work / "mg" / "mistral")
-    results["verify_right_model"] = [right.passed, right.max_abs_diff / right.max_abs_logit]
+    lap("verify")
 
     load = ["--load", str(work / "mg" / "llama"), "--micro-batch-size", "1"]
     results["tp3_heads"] = _config_error([*load, "--tensor-model-parallel-size", "3"], 3)
@@ -115,6 +176,7 @@ def convert(work: Path) -> None:
     groups += ["--group-query-attention", "--num-query-groups", "3", "--vocab-size", "96"]
     groups += ["--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "1"]
     results["tp2_groups3"] = _config_error([*groups, "--tensor-model-parallel-size", "2"], 2)
+    lap("tp checks")
     (work / "convert.json").write_text(json.dumps(results, indent=1))
 
 
@@ -123,6 +185,8 @@ def convert(work: Path) -> None:
 
 def _logits_step(captured: list, data_iterator, model):
     """A forward step without labels: the last stage's logits [b, s, v/tp] go to `captured`."""
+    import torch
+
     from dft_megatron.data.batches import from_stacked
 
     batch = from_stacked(next(data_iterator))
@@ -136,6 +200,7 @@ def _logits_step(captured: list, data_iterator, model):
 
 
 def layouts(work: Path) -> None:
+    import torch
     import torch.distributed as dist
 
     from dft_megatron.compat.megatron_training import (
@@ -154,13 +219,11 @@ def layouts(work: Path) -> None:
     from dft_megatron.training.arguments import parse_megatron_args
     from dft_megatron.training.step import forward_step
 
-    torch.set_num_threads(1)  # 4 processes share the cores
-    world = int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo")
+    world = dist.get_world_size()
     ids = tokens()
     batch = {"tokens": ids, "loss_mask": torch.ones(BATCH, SEQ)}
     for family in FAMILIES:
-        for tp, pp in LAYOUTS:
+        for tp, pp in layouts_of(family):
             dp = world // (tp * pp)
             parse_megatron_args(
                 [
@@ -190,7 +253,7 @@ def layouts(work: Path) -> None:
                 micro_batch_size=BATCH,
                 forward_only=True,
             )
-            captured: list[torch.Tensor] = []
+            captured = []
             with torch.no_grad():
                 schedule(
                     forward_step_func=partial(_logits_step, captured),
@@ -217,10 +280,92 @@ def layouts(work: Path) -> None:
             del chunks
             training.destroy_global_state()
             dist.barrier()
-    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+def trainer_flags(work: Path) -> list[str]:
+    """Pre-tokenized rows (WORK/rows.jsonl, targets: every token after the first) padded to
+    --seq-length, at TP2 x PP2 on 4 processes (DP1, 2 micro-batches of 1)."""
+    return [
+        "--sft-data", str(work / "rows.jsonl"),
+        "--no-packing",
+        "--data-cache-path", str(work / "cache"),
+        "--seq-length", str(SEQ + 4),
+        "--tensor-model-parallel-size", "2",
+        "--pipeline-model-parallel-size", "2",
+        "--micro-batch-size", "1",
+        "--global-batch-size", "2",
+        "--loss-type", "sft",
+    ]  # fmt: skip
+
+
+def _trainer(argv: list[str]) -> None:
+    """`python -m dft_megatron.train ARGV` in this process: its entry (`run`: parse, data,
+    Megatron-LM's `pretrain`), then Megatron-LM's global state torn down for the next one."""
+    import torch.distributed as dist
+    from megatron.training import training
+
+    from dft_megatron.training import entry
+
+    entry.run(argv)
+    training.destroy_global_state()
+    dist.barrier()
+
+
+def eval_only(work: Path) -> None:
+    """--eval-only of the qwen2 import (bf16 release checkpoint, no model flags) over the rows."""
+    _trainer(
+        [
+            "--load", str(work / "mg" / "qwen2"),
+            "--eval-only",
+            *trainer_flags(work),
+            "--log-metrics-jsonl", str(work / "eval_only.jsonl"),
+        ]
+    )  # fmt: skip
+
+
+def train(work: Path) -> None:
+    """Fine-tune the qwen2 import (tied embeddings: split over the two stages) for 2 steps in
+    fp32, saving model and optimizer at iteration 2 and validating the saved weights on the
+    rows there."""
+    _trainer(
+        [
+            "--load", str(work / "mg" / "qwen2"),
+            "--finetune",
+            *trainer_flags(work),
+            "--valid-data", str(work / "rows.jsonl"),
+            "--train-iters", "2",
+            "--lr", "1e-3",
+            "--lr-decay-style", "constant",
+            "--eval-interval", "2",
+            "--eval-iters", "1",
+            "--save", str(work / "trained"),
+            "--save-interval", "2",
+            "--log-interval", "1",
+            "--log-metrics-jsonl", str(work / "train.jsonl"),
+        ]
+    )  # fmt: skip
+
+
+STEPS = {"convert": convert, "layouts": layouts, "eval_only": eval_only, "train": train}
+
+
+def main(steps: str, work: Path) -> None:
+    """Run the comma-separated `steps` in this process, in order."""
+    distributed = "WORLD_SIZE" in os.environ and any(s != "convert" for s in steps.split(","))
+    if distributed:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)  # 4 processes share the cores
+        dist.init_process_group("gloo")
+    for step in steps.split(","):
+        STEPS[step](work)
+    if distributed:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    step, folder = sys.argv[1], Path(sys.argv[2])
-    {"convert": convert, "layouts": layouts}[step](folder)
+    main(sys.argv[1], Path(sys.argv[2]))
