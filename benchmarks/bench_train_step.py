@@ -120,31 +120,18 @@ def mcore_gpt_provider(
     arguments (dft_megatron.models.provider) without the DFT loss and vocabulary masking."""
     from megatron.core.models.gpt import GPTModel
     from megatron.training import get_args
-    from megatron.training.arguments import core_transformer_config_from_args
 
-    from dft_megatron.models.provider import layer_spec
+    from dft_megatron.models.provider import gpt_model_kwargs_from_args
 
-    args = get_args()
-    if config is None:
-        config = core_transformer_config_from_args(args)
     return GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(args, config, vp_stage),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor,
-        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
-        vp_stage=vp_stage,
-        pg_collection=pg_collection,
+        **gpt_model_kwargs_from_args(
+            get_args(),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+            config=config,
+            pg_collection=pg_collection,
+        )
     )
 
 

@@ -43,18 +43,18 @@ def layer_spec(args: argparse.Namespace, config, vp_stage: int | None):
     return gpt_layer_specs.get_gpt_layer_local_spec(**common, normalization=args.normalization)
 
 
-def build_dft_gpt_model(
+def gpt_model_kwargs_from_args(
     args: argparse.Namespace,
-    weighting: TokenWeighting,
-    unpadded_vocab_size: int,
     *,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
     config=None,
     pg_collection=None,
-) -> DFTGPTModel:
-    """One (virtual) pipeline stage of the GPT model the args describe, with the DFT loss."""
+) -> dict:
+    """Megatron-Core GPTModel's constructor arguments for the model the args describe (shared by
+    DFTGPTModel and the plain-GPTModel reference of the benchmarks, so both build the same
+    network)."""
     from megatron.training.arguments import core_transformer_config_from_args
 
     if config is None:
@@ -69,7 +69,7 @@ def build_dft_gpt_model(
             use_transformer_engine=args.transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
         )
-    return DFTGPTModel(
+    return dict(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=args.padded_vocab_size,
@@ -88,6 +88,19 @@ def build_dft_gpt_model(
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
+    )
+
+
+def build_dft_gpt_model(
+    args: argparse.Namespace,
+    weighting: TokenWeighting,
+    unpadded_vocab_size: int,
+    **kwargs,
+) -> DFTGPTModel:
+    """One (virtual) pipeline stage of the GPT model the args describe, with the DFT loss;
+    `kwargs` as `gpt_model_kwargs_from_args` takes them."""
+    return DFTGPTModel(
+        **gpt_model_kwargs_from_args(args, **kwargs),
         loss_weighting=weighting,
         unpadded_vocab_size=unpadded_vocab_size,
     )

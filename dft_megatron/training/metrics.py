@@ -161,13 +161,14 @@ class DFTMetrics:
         done = iteration - self.start[1]
         eta = elapsed / done * max(total - iteration, 0) if done else math.nan
         logger.info(
-            "[dft] iteration %d/%d | loss %.5f | ce %.4f | p %.3f | p<0.01 %.3f | p>0.99 %.3f | "
-            "elapsed %s | ETA %s",
+            "[dft] iteration %d/%d | loss %.5f | ce %.4f | p %.3f | entropy %.3f | p<0.01 %.3f | "
+            "p>0.99 %.3f | elapsed %s | ETA %s",
             iteration,
             total,
             record["loss"],
             record["ce_loss"],
             record["target_prob_mean"],
+            record["entropy"],
             record["p<0.01"],
             record["p>0.99"],
             _hms(elapsed),
