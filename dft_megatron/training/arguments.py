@@ -256,6 +256,13 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
             "Engine, which is not importable here: run in the NGC PyTorch container or pass "
             "--transformer-impl local"
         )
+    if args.dist_ckpt_optim_fully_reshardable and args.use_distributed_optimizer:
+        out.append(
+            "--dist-ckpt-optim-fully-reshardable: Megatron-Core 0.19.2 saves the optimizer state "
+            "of parameters past the first end-padded grad bucket from wrong offsets (resumes "
+            "corrupt the weights; fixed upstream after 0.19.2, Megatron-LM PR #5077); drop it "
+            "(the default dp_reshardable format is exact and reloads at the same TP x PP)"
+        )
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         out.append(
             "--overlap-param-gather needs --overlap-grad-reduce (Megatron-LM's rule); add it"

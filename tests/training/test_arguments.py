@@ -141,6 +141,8 @@ BASE += ["--lr", "1e-3"]
         (["--mock-data", "--use-distributed-optimizer", "--overlap-param-gather"],
          "needs --overlap-grad-reduce"),
         (["--mock-data", "--sft-data", "x.jsonl"], "exclude each other"),
+        (["--mock-data", "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"],
+         "PR #5077"),
         ([], "no training data"),
         (["--sft-data", "x.jsonl", "--context-parallel-size", "2"], "--no-packing"),
         (["--mock-data", "--train-epochs", "1"], "--train-epochs needs --sft-data"),
