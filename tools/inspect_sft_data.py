@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument_group("data (the trainer's flags)"),
         DataConfig,
         only={f for f in DataConfig.__dataclass_fields__ if f not in SKIP},
+        # The trainer's spelling of these (Megatron-LM's --data-cache-path; --num-workers is
+        # Megatron-LM's data loader, tokenization is --preprocess-workers).
+        renamed={"data_cache_dir": "data-cache-path", "num_workers": "preprocess-workers"},
     )
     parser.add_argument("--seq-length", type=int, required=True, help="positions per sequence")
     parser.add_argument("--seed", type=int, default=1234, help="the trainer's --seed")
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     seq_length, seed, show, dump = (
         args.pop(k) for k in ("seq_length", "seed", "show", "dump_jsonl")
     )
+    args["data_cache_dir"] = args.pop("data_cache_path")
+    args["num_workers"] = args.pop("preprocess_workers")
     cfg = DataConfig(**{k: v for k, v in args.items() if v is not None or k == "sft_data"})
     setup_logging()
     if not cfg.sft_data:

@@ -111,7 +111,7 @@ class DataConfig:
         if self.valid_fraction and self.valid_data:
             raise ValueError("--valid-fraction and --valid-data exclude each other; give one")
         if self.num_workers < 1:
-            raise ValueError(f"--num-workers must be >= 1, got {self.num_workers}")
+            raise ValueError(f"--preprocess-workers must be >= 1, got {self.num_workers}")
 
 
 def split_paths(values: list[str] | None) -> list[str]:

@@ -211,7 +211,7 @@ def check_cache_visible_to_all_ranks(directories: list[str]) -> None:
         rank_list = ", ".join(f"rank {r} on {host}" for r, host, _ in blind[:8])
         raise RuntimeError(
             f"the dataset index cache {blind[0][2][0]} written by rank 0 is not visible to "
-            f"{len(blind)} ranks ({rank_list}): put --data-cache-dir (or the data) on a "
+            f"{len(blind)} ranks ({rank_list}): put --data-cache-path (or the data) on a "
             "filesystem that all nodes share"
         )
 
@@ -238,7 +238,7 @@ def build_pretrain_datasets(
             (whole epochs; the trainer consumes train_iters * global_batch_size). Valid:
             exactly this many are exposed, or None for one full pass over the valid split.
         tokenizer: a Hugging Face tokenizer (or a `MegatronTokenizerAdapter`): EOD and pad ids.
-        path_to_cache: where the index .npy files go (--data-cache-dir); None: next to the data.
+        path_to_cache: where the index .npy files go (--data-cache-path); None: next to the data.
         eod_mask_loss: Megatron-LM's --eod-mask-loss: no loss where the input token is EOD
             (the target there is the first token of the next document).
         num_dataset_builder_threads: prefixes indexed in parallel on rank 0.

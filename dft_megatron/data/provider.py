@@ -142,7 +142,7 @@ class DatasetsProvider:
                 "--data-path needs --tokenizer-model (the tokenizer the data was preprocessed "
                 "with: its end-of-document id)"
             )
-        wants_valid = bool(a.eval_interval) or a.skip_train
+        wants_valid = bool(a.eval_iters) or a.skip_train  # no --eval-interval: eval_iters 0
         try:
             train, valid = build_pretrain_datasets(
                 self.cfg.data_path,

@@ -4,7 +4,7 @@ Preparation (`prepare_sft_rows`) reads the rows (`sources`), encodes each one
 (`formats.RowEncoder`, in `num_workers` processes through `datasets.map`), fits it to the
 sequence length (`--truncation`) and keeps the samples with at least one target token.
 Every row's outcome is counted (`SFTDataStats`), and the result is cached on disk under
-`--data-cache-dir`, keyed by the files (path, size, modification time), the tokenizer and
+`--data-cache-path`, keyed by the files (path, size, modification time), the tokenizer and
 the options, so a second run (or the other ranks of this one) memory-maps it instead of
 tokenizing again.
 

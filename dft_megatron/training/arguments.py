@@ -93,7 +93,7 @@ def add_dft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             "--" + name.replace("_", "-"),
             type=float,
             default=default,
-            help=f"{doc} (default {default})",
+            help=f"{doc} (default: {default})",
         )
 
     g.add_argument(
@@ -358,6 +358,14 @@ def _read_chat_template(args: argparse.Namespace) -> None:
         args.chat_template = Path(value).read_text(encoding="utf-8")
 
 
+def _escape_percent_in_help(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM 0.19.2 has help texts with a bare "%" (e.g. "10%)"), which argparse's
+    --help formatting rejects (ValueError): escaped, so that --help prints."""
+    for action in parser._actions:  # argparse keeps no public list of them
+        if action.help and "%" in action.help and "%(" not in action.help:
+            action.help = action.help.replace("%", "%%")
+
+
 def parse_only(argv: list[str], **overrides) -> argparse.Namespace:
     """Megatron-LM's parser with DFT's flags and this machine's defaults, and what the run
     implies before validation (--eval-only, no validation without --eval-interval, implied
@@ -365,6 +373,7 @@ def parse_only(argv: list[str], **overrides) -> argparse.Namespace:
     from megatron.training.arguments import parse_args
 
     def provider(parser):
+        _escape_percent_in_help(parser)
         add_dft_arguments(parser)
         # DFT's objective is the global token mean over loss tokens (see training/step.py).
         parser.set_defaults(calculate_per_token_loss=True)

@@ -17,7 +17,7 @@ def test_inspect_tool(tmp_path, tokenizer_dir, capsys, monkeypatch):
     dump = tmp_path / "out" / "seqs.jsonl"
     argv = ["inspect_sft_data.py", "--sft-data", str(data), "--tokenizer-model", str(tokenizer_dir)]
     argv += ["--seq-length", "200", "--prompt-key", "problem", "--response-key", "solution"]
-    argv += ["--data-cache-dir", str(tmp_path / "c"), "--show", "1", "--dump-jsonl", str(dump)]
+    argv += ["--data-cache-path", str(tmp_path / "c"), "--show", "1", "--dump-jsonl", str(dump)]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
         runpy.run_path("tools/inspect_sft_data.py", run_name="__main__")
