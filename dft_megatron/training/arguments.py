@@ -246,11 +246,10 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
             f"--fp8-format {args.fp8} needs a GPU with FP8 tensor cores (compute capability "
             f">= 8.9: Ada, Hopper, Blackwell); this one is {major}.{minor}"
         )
-    if (
-        not cpu
-        and args.transformer_impl == "transformer_engine"
-        and not (transformer_engine_available())
-    ):
+    te_spec = not cpu and args.transformer_impl == "transformer_engine"
+    if te_spec and transformer_engine_available():
+        out += _te_version_refusals(args)
+    elif te_spec:
         out.append(
             "--transformer-impl transformer_engine (Megatron-LM's default) needs Transformer "
             "Engine, which is not importable here: run in the NGC PyTorch container or pass "
@@ -316,6 +315,29 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
         token_weighting(args)
     except ArgumentError as e:
         out.append(str(e))
+    return out
+
+
+def _te_version_refusals(args: argparse.Namespace) -> list[str]:
+    """What the installed Transformer Engine cannot do with these flags (GPU only; these checks
+    have not run here: no GPU with TE was available)."""
+    from megatron.core.utils import get_te_version, is_te_min_version
+
+    out = []
+    packed = bool(args.sft_data) and args.packing
+    if packed and not (args.bf16 or args.fp16) and not is_te_min_version("2.10"):
+        out.append(
+            f"packed SFT sequences (THD) in fp32: Transformer Engine {get_te_version()} (<= 2.9) "
+            "has no fp32 attention backend for them; add --bf16, or --no-packing"
+        )
+    unsafe = os.environ.get("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE") == "1"
+    fp8_delayed = args.fp8 and args.fp8_recipe == "delayed"
+    if fp8_delayed and args.load and is_te_min_version("2.18") and not unsafe:
+        out.append(
+            f"--load with --fp8-recipe delayed: Transformer Engine {get_te_version()} refuses "
+            "to unpickle the FP8 scaling state its checkpoints hold; set "
+            "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 for checkpoints you trust"
+        )
     return out
 
 

@@ -254,15 +254,19 @@ def test_trainer_validation_gives_transformers_ce_of_the_export(work):
 
 
 def test_tp_not_dividing_heads_or_query_groups_fails(work):
-    """The trainer's model config (Megatron-Core's TransformerConfig from the --load
-    checkpoint's args, as the model provider builds it) names the sizes. Query groups may
-    divide the TP size (replicated: TP4 of the 2-group llama loads, see the layouts test)."""
+    """The trainer refuses, in one line each, a TP size the --load checkpoint's heads or query
+    groups cannot split (before Megatron-Core would fail on every rank while building the
+    model). Query groups may divide the TP size (replicated: TP4 of the 2-group llama loads,
+    see the layouts test)."""
     r = json.loads((work / "convert.json").read_text())
-    assert r["tp3_heads"] == (
-        "num_attention_heads (4) must be a multiple of tensor_model_parallel_size (3)."
-    )
+    assert r["tp3_heads"].splitlines() == [
+        "error: --tensor-model-parallel-size 3 does not divide --num-attention-heads (4)",
+        "error: --num-query-groups (2) must be a multiple or a divisor of "
+        "--tensor-model-parallel-size (3)",
+    ]
     assert r["tp2_groups3"] == (
-        "num_query_groups (3) must be a multiple or divisor of tensor_model_parallel_size (2)."
+        "error: --num-query-groups (3) must be a multiple or a divisor of "
+        "--tensor-model-parallel-size (2)"
     )
     assert r["tp4_groups"] == ""
 

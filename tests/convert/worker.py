@@ -79,9 +79,13 @@ def _tool(name: str):
 
 
 def _config_error(argv: list[str], world_size: int) -> str:
-    """The error of the trainer's model config (Megatron-Core's TransformerConfig, built from
-    Megatron-LM's arguments as the model provider builds it) for `argv` in a world of
-    `world_size` (only its size: nothing is initialized)."""
+    """What the trainer says about `argv` in a world of `world_size` (only its size: nothing
+    is initialized): its one-line refusals (exit 2) once the --load checkpoint's args are
+    known, else the error of Megatron-Core's TransformerConfig as the model provider builds
+    it; "" when both accept it."""
+    import contextlib
+    import io
+
     from megatron.training.arguments import core_transformer_config_from_args
     from megatron.training.training import destroy_global_state
 
@@ -90,7 +94,13 @@ def _config_error(argv: list[str], world_size: int) -> str:
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
     os.environ.update(WORLD_SIZE=str(world_size), RANK="0")
     try:
-        args = parse_megatron_args(argv, training=False)
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(printed):
+                args = parse_megatron_args(argv, training=False)
+        except SystemExit:
+            lines = printed.getvalue().splitlines()
+            return "\n".join(x for x in lines if x.startswith("error: "))
         try:
             core_transformer_config_from_args(args)
         except (ValueError, AssertionError) as e:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,7 +26,7 @@ def test_quickstart_smoke(tmp_path):
         LOG_INTERVAL="1",
         EVAL_PROBLEMS="2",
         EVAL_SAMPLES="1",
-        MASTER_PORT="29561",
+        MASTER_PORT=str(free_port()),
     )
     done = subprocess.run(
         ["bash", str(ROOT / "examples" / "quickstart.sh")],
