@@ -122,7 +122,8 @@ class DFTMetrics:
         from megatron.training import get_args
 
         args = get_args()
-        return not training or (args.curr_iteration + 1) % args.log_interval == 0
+        iteration = getattr(args, "curr_iteration", 0)  # set by Megatron-LM's train loop
+        return not training or (iteration + 1) % args.log_interval == 0
 
     @staticmethod
     def is_logging_rank() -> bool:
