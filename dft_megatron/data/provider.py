@@ -1,17 +1,18 @@
 """The datasets provider for Megatron-LM's trainer: SFT rows, Megatron indexed data or mock.
 
-`DatasetsProvider(args, tokenizer)` is what `pretrain(train_valid_test_dataset_provider=...)`
-calls with Megatron-LM's sample counts (train: --train-iters x global batch or
---train-samples; valid: evaluations x --eval-iters x global batch). Every rank builds its
-datasets (`is_distributed = True`) and reads them through Megatron-LM's sampler and loader;
-`prepare()` may be called before `pretrain` (the SFT data decides --train-epochs' iteration
-count) and its result is reused.
+`DatasetsProvider(args, data config, tokenizer, vocabulary size)` is what
+`pretrain(train_valid_test_dataset_provider=...)` calls with Megatron-LM's sample counts
+(train: --train-iters x global batch or --train-samples; valid: evaluations x --eval-iters
+x global batch). Every rank builds its datasets (`is_distributed = True`) and reads them
+through Megatron-LM's sampler and loader; `prepare()` may be called before `pretrain` (the
+SFT data decides --train-epochs' iteration count) and its result is reused.
 
 - SFT (--sft-data): `build_sft_datasets` on global rank 0 first (it fills the tokenized
   cache), then on the other ranks (they read it); the training sequences in a per-epoch
   seeded order (`EpochShuffled`, as many epochs as the sample count needs), validation in
   its own order, cycled as Megatron-LM reads --eval-iters batches at every evaluation, or
-  once with --full-validation (--eval-only).
+  once with --eval-only (`OnePass`: every sample once, the last global batch filled with
+  samples that carry no loss).
 - Pre-training (--data-path): Megatron-Core's GPTDataset through
   `BlendedMegatronDatasetBuilder` (data/pretrain.py) with --split, --seq-length, --seed,
   --data-cache-path and --eod-mask-loss.

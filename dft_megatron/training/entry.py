@@ -120,8 +120,8 @@ def run(argv: list[str] | None = None) -> None:
     _store_tokenizer(args, hf_tokenizer)
     metrics = DFTMetrics(args.log_metrics_jsonl)
     install_hooks(metrics)
-    with _quiet_warnings():
-        cfg_container = pretrain_cfg_container_from_args(args)
+    # (Its "use a ModelConfig" notice is filtered in utils/logging.setup_logging.)
+    cfg_container = pretrain_cfg_container_from_args(args)
     pretrain(
         cfg_container,
         provider,
@@ -129,20 +129,6 @@ def run(argv: list[str] | None = None) -> None:
         partial(forward_step, metrics, args.check_for_nan_in_loss_and_grad),
         model_provider=model_provider,
     )
-
-
-class _quiet_warnings:  # noqa: N801 (a context manager used as a statement)
-    """Warnings Megatron-LM gives every plug-in entry that has no ModelConfig class."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def main(argv: list[str] | None = None) -> int:
