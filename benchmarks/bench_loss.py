@@ -8,6 +8,8 @@ available (TP sizes above the GPU count are refused), else over gloo on the CPU:
   mcore_fused_ce  Megatron-Core's fused_vocab_parallel_cross_entropy (torch.compile-d)
   dft             dft_megatron's vocab_parallel_dft_cross_entropy, loss_type="dft"
   dft_stats       the same with return_stats=True (target prob and entropy, for logging)
+  dft_fused       fused_vocab_parallel_dft_cross_entropy (--cross-entropy-loss-fusion)
+  dft_fused_stats the same with return_stats=True
   dft_official    DFT as the paper's code computes it: CE, plus a second full softmax
                   whose target entry (gathered, detached) weights it
   ce_times_p      Megatron-Core's CE, then ce * exp(-ce).detach()
@@ -42,7 +44,16 @@ from benchmarks.common import (
     versions,
 )
 
-METHODS = ("mcore_ce", "mcore_fused_ce", "dft", "dft_stats", "dft_official", "ce_times_p")
+METHODS = (
+    "mcore_ce",
+    "mcore_fused_ce",
+    "dft",
+    "dft_stats",
+    "dft_fused",
+    "dft_fused_stats",
+    "dft_official",
+    "ce_times_p",
+)
 
 
 def _vocab_parallel_target_prob(logits, target, group):
@@ -68,7 +79,10 @@ def make_methods(group):
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from dft_megatron.loss import vocab_parallel_dft_cross_entropy
+    from dft_megatron.loss import (
+        fused_vocab_parallel_dft_cross_entropy,
+        vocab_parallel_dft_cross_entropy,
+    )
 
     def dft_official(x, t):
         p = _vocab_parallel_target_prob(x, t, group)
@@ -83,6 +97,10 @@ def make_methods(group):
         "mcore_fused_ce": lambda x, t: fused_vocab_parallel_cross_entropy(x, t, group),
         "dft": lambda x, t: vocab_parallel_dft_cross_entropy(x, t, tp_group=group),
         "dft_stats": lambda x, t: vocab_parallel_dft_cross_entropy(
+            x, t, tp_group=group, return_stats=True
+        )[0],
+        "dft_fused": lambda x, t: fused_vocab_parallel_dft_cross_entropy(x, t, tp_group=group),
+        "dft_fused_stats": lambda x, t: fused_vocab_parallel_dft_cross_entropy(
             x, t, tp_group=group, return_stats=True
         )[0],
         "dft_official": dft_official,

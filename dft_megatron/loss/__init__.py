@@ -1,6 +1,24 @@
-"""The DFT loss: a vocab-parallel cross-entropy weighted per token by sg(p)."""
+"""The DFT loss: a vocab-parallel cross-entropy weighted per token by sg(p).
 
-from dft_megatron.loss.cross_entropy import DFTLossStats, vocab_parallel_dft_cross_entropy
+Three entries, one result: `vocab_parallel_dft_cross_entropy` (Megatron-Core's CE steps),
+`fused_vocab_parallel_dft_cross_entropy` (compiled kernels; `--cross-entropy-loss-fusion`) and
+`chunked_output_layer_dft_cross_entropy` (the output projection and the fused loss over chunks
+of tokens: the logits never exist whole; `--dft-chunked-output-layer`).
+"""
+
+from dft_megatron.loss.cross_entropy import (
+    DFTLossStats,
+    fused_vocab_parallel_dft_cross_entropy,
+    vocab_parallel_dft_cross_entropy,
+)
+from dft_megatron.loss.output_layer import chunked_output_layer_dft_cross_entropy
 from dft_megatron.loss.weights import LOSS_TYPES, TokenWeighting
 
-__all__ = ["LOSS_TYPES", "DFTLossStats", "TokenWeighting", "vocab_parallel_dft_cross_entropy"]
+__all__ = [
+    "LOSS_TYPES",
+    "DFTLossStats",
+    "TokenWeighting",
+    "chunked_output_layer_dft_cross_entropy",
+    "fused_vocab_parallel_dft_cross_entropy",
+    "vocab_parallel_dft_cross_entropy",
+]

@@ -47,6 +47,9 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 
 from dft_megatron.loss.weights import TokenWeighting
 
+IGNORE_INDEX = -100
+"""Default ignore_index of every DFT loss entry (torch's and Hugging Face's)."""
+
 # Upper bound on the transient buffer of the entropy statistic (16 MiB of fp32): small
 # against the [tokens, v/tp] softmax, few enough chunks that their launches do not matter.
 _ENTROPY_CHUNK_ELEMENTS = 1 << 22
@@ -173,6 +176,41 @@ def _check_targets(target: torch.Tensor, ignored: torch.Tensor, vocab_size: int)
         )
 
 
+def prepare_inputs(
+    logits_shape: torch.Size,
+    logits_dtype: torch.dtype,
+    target: torch.Tensor,
+    ignore_index: int,
+    tp_group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup | None]:
+    """Checks shared by every DFT loss entry; returns (target, ignored, tp_group).
+
+    `target` comes back int64 with ignored positions set to -1: outside every shard, so no
+    rank gathers a logit for them (ignore_index may itself be a valid id, e.g. a pad token).
+    """
+    if len(logits_shape) < 2:
+        raise ValueError(
+            "vocab_parallel_logits must be [s, b, v/tp] or [tokens, v/tp], got shape "
+            f"{tuple(logits_shape)}"
+        )
+    if tuple(target.shape) != tuple(logits_shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal the logits shape without its "
+            f"vocabulary dimension, {tuple(logits_shape[:-1])}"
+        )
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer token ids, got dtype {target.dtype}")
+    if not logits_dtype.is_floating_point:
+        raise TypeError(f"vocab_parallel_logits must be floating point, got {logits_dtype}")
+    if tp_group is None:
+        tp_group = _default_tp_group()
+    tp_size, _ = _group_size_and_rank(tp_group)
+    target = target.long()
+    ignored = target == ignore_index
+    _check_targets(target, ignored, logits_shape[-1] * tp_size)
+    return target.masked_fill(ignored, -1), ignored, tp_group
+
+
 def vocab_parallel_dft_cross_entropy(
     vocab_parallel_logits: torch.Tensor,
     target: torch.Tensor,
@@ -180,17 +218,20 @@ def vocab_parallel_dft_cross_entropy(
     dft_min_prob: float = 0.0,
     dft_alpha: float = 1.0,
     sft_mix: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     tp_group: dist.ProcessGroup | None = None,
     return_stats: bool = False,
     return_entropy: bool = True,
+    *,
+    fused: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, DFTLossStats]:
     """Per-token DFT (or plain) cross-entropy of logits split over the vocabulary.
 
     Args:
         vocab_parallel_logits: [s, b, v/tp] or [tokens, v/tp] logits, fp32, bf16 or fp16;
-            this rank's contiguous vocabulary shard. fp32 logits are overwritten in place
-            (see the module docstring).
+            this rank's contiguous vocabulary shard. Unfused, fp32 logits are overwritten
+            in place (see the module docstring); fused, the logits are kept for backward,
+            which overwrites them with their gradient.
         target: [s, b] or [tokens] int64 global vocabulary ids, the same on every TP rank.
         loss_type: "dft" (weight sg(p) and its variants) or "sft" (plain cross-entropy,
             identical to Megatron-Core's `vocab_parallel_cross_entropy`).
@@ -203,46 +244,39 @@ def vocab_parallel_dft_cross_entropy(
             otherwise none (the logits hold the whole vocabulary).
         return_stats: also return `DFTLossStats` (per-token target probability, entropy
             and plain cross-entropy, for logging).
-        return_entropy: with `return_stats`, whether to compute the entropy (one more pass
-            over the softmax and a third all-reduced row); False gives entropy None, and the
-            target probability and CE for free.
+        return_entropy: with `return_stats`, whether to compute the entropy (unfused: one
+            more pass over the softmax; fused: one more sum in the same pass; a third
+            all-reduced row either way); False gives entropy None, and the target
+            probability and CE for free.
+        fused: the compiled kernels of loss/fused.py (see
+            `fused_vocab_parallel_dft_cross_entropy`).
 
     Returns:
         fp32 per-token loss with the target's shape ([s, b] or [tokens]); with
         `return_stats`, the pair (loss, DFTLossStats).
     """
     weighting = TokenWeighting(loss_type, dft_min_prob, dft_alpha, sft_mix)
-    if vocab_parallel_logits.dim() < 2:
-        raise ValueError(
-            "vocab_parallel_logits must be [s, b, v/tp] or [tokens, v/tp], got shape "
-            f"{tuple(vocab_parallel_logits.shape)}"
-        )
-    if tuple(target.shape) != tuple(vocab_parallel_logits.shape[:-1]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} must equal the logits shape without its "
-            f"vocabulary dimension, {tuple(vocab_parallel_logits.shape[:-1])}"
-        )
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer token ids, got dtype {target.dtype}")
-    if not vocab_parallel_logits.dtype.is_floating_point:
-        raise TypeError(
-            f"vocab_parallel_logits must be floating point, got {vocab_parallel_logits.dtype}"
-        )
-
-    if tp_group is None:
-        tp_group = _default_tp_group()
-    tp_size, _ = _group_size_and_rank(tp_group)
-    target = target.long()
-    ignored = target == ignore_index
-    _check_targets(target, ignored, vocab_parallel_logits.size(-1) * tp_size)
-    # Ignored targets point outside every shard, so no rank gathers a logit for them
-    # (ignore_index may itself be a valid id, e.g. a pad token).
-    target = target.masked_fill(ignored, -1)
-
-    out = _VocabParallelDFTCrossEntropy.apply(
+    target, ignored, tp_group = prepare_inputs(
+        vocab_parallel_logits.shape, vocab_parallel_logits.dtype, target, ignore_index, tp_group
+    )
+    if fused:
+        from dft_megatron.loss.fused import fused_apply as apply
+    else:
+        apply = _VocabParallelDFTCrossEntropy.apply
+    out = apply(
         vocab_parallel_logits, target, ignored, weighting, tp_group, return_stats, return_entropy
     )
     if not return_stats:
         return out
     loss, target_prob, entropy, ce = out
     return loss, DFTLossStats(target_prob, entropy if return_entropy else None, ce)
+
+
+def fused_vocab_parallel_dft_cross_entropy(
+    *args, **kwargs
+) -> torch.Tensor | tuple[torch.Tensor, DFTLossStats]:
+    """`vocab_parallel_dft_cross_entropy` (same arguments, same returns) through compiled
+    kernels (loss/fused.py, Megatron-Core's `jit_fuser`): no fp32 copy of the logits, the
+    entropy in the same pass. What `--cross-entropy-loss-fusion` runs, after Megatron-Core's
+    `fused_vocab_parallel_cross_entropy`."""
+    return vocab_parallel_dft_cross_entropy(*args, fused=True, **kwargs)

@@ -21,10 +21,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.inference.utils import InferenceMode
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from dft_megatron.loss import DFTLossStats, TokenWeighting, vocab_parallel_dft_cross_entropy
+from dft_megatron.loss import (
+    DFTLossStats,
+    TokenWeighting,
+    fused_vocab_parallel_dft_cross_entropy,
+    vocab_parallel_dft_cross_entropy,
+)
+from dft_megatron.loss.output_layer import chunked_output_layer_dft_cross_entropy
 from dft_megatron.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -163,6 +170,13 @@ class DFTGPTModel(GPTModel):
       those columns; their gradient is then 0. Returned logits (no labels) carry the same
       values, so argmax or sampling never picks a padded id.
 
+    The loss path: `vocab_parallel_dft_cross_entropy` by default;
+    `fused_vocab_parallel_dft_cross_entropy` when the config asks for Megatron-Core's
+    `cross_entropy_loss_fusion` (--cross-entropy-loss-fusion); with `output_chunk_tokens`
+    (--dft-chunked-output-layer) the output layer and the loss run together over chunks of that
+    many tokens (`chunked_output_layer_dft_cross_entropy`: the logits never exist whole), for
+    every forward with labels outside inference; without labels the output layer runs as usual.
+
     While `collect_stats` is True (the default), each forward with labels leaves that
     micro-batch's per-token DFTLossStats in `last_loss_stats`, [b, s] each (last pipeline
     stage only); otherwise `last_loss_stats` is None. The target probability and CE in them
@@ -175,10 +189,12 @@ class DFTGPTModel(GPTModel):
         *args,
         loss_weighting: TokenWeighting | None = None,
         unpadded_vocab_size: int | None = None,
+        output_chunk_tokens: int | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.loss_weighting = loss_weighting or TokenWeighting()
+        self.output_chunk_tokens = output_chunk_tokens
         self.collect_stats = True
         self.collect_entropy = True
         self.last_loss_stats: DFTLossStats | None = None
@@ -204,12 +220,9 @@ class DFTGPTModel(GPTModel):
         if start < width:
             logits[..., start:].fill_(torch.finfo(logits.dtype).min)
 
-    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
-        """labels [b, s], logits [s, b, v/tp] -> fp32 per-token loss [b, s]."""
+    def _loss_kwargs(self) -> dict:
         w = self.loss_weighting
-        out = vocab_parallel_dft_cross_entropy(
-            logits,
-            labels.transpose(0, 1).contiguous(),  # [b, s] -> [s, b]
+        return dict(
             loss_type=w.loss_type,
             dft_min_prob=w.dft_min_prob,
             dft_alpha=w.dft_alpha,
@@ -218,15 +231,64 @@ class DFTGPTModel(GPTModel):
             return_stats=self.collect_stats,
             return_entropy=self.collect_entropy,
         )
+
+    def _keep_stats(self, out) -> torch.Tensor:
+        """The [s, b] loss of `out`; its [s, b] stats go to `last_loss_stats` as [b, s]."""
         self.last_loss_stats = None
-        loss = out
-        if self.collect_stats:
-            loss, stats = out
-            # [s, b] -> [b, s]
-            self.last_loss_stats = DFTLossStats(
-                *(None if t is None else t.transpose(0, 1) for t in stats)
-            )
+        if not self.collect_stats:
+            return out
+        loss, stats = out
+        # [s, b] -> [b, s]
+        self.last_loss_stats = DFTLossStats(
+            *(None if t is None else t.transpose(0, 1) for t in stats)
+        )
+        return loss
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        """labels [b, s], logits [s, b, v/tp] -> fp32 per-token loss [b, s]."""
+        loss_fn = (
+            fused_vocab_parallel_dft_cross_entropy
+            if self.config.cross_entropy_loss_fusion
+            else vocab_parallel_dft_cross_entropy
+        )
+        target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+        loss = self._keep_stats(loss_fn(logits, target, **self._loss_kwargs()))
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
+
+    def forward(self, *args, output_processor=None, **kwargs):
+        if output_processor is None and self.output_chunk_tokens:
+            output_processor = self._chunked_output_and_loss
+        return super().forward(*args, output_processor=output_processor, **kwargs)
+
+    def _chunked_output_and_loss(
+        self,
+        *,
+        hidden_states,
+        output_layer,
+        output_weight,
+        labels,
+        runtime_gather_output,
+        scale_logits,
+        **unused,
+    ):
+        """GPTModel's `output_processor`: [s(/tp), b, h] hidden states -> the [b, s] loss."""
+        if labels is None or InferenceMode.is_active():  # logits wanted: the usual layer
+            logits, _ = output_layer(
+                hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output
+            )
+            return scale_logits(logits).transpose(0, 1).contiguous()  # [s b v] -> [b s v]
+        weight = output_layer.weight if output_weight is None else output_weight
+        target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+        out = chunked_output_layer_dft_cross_entropy(
+            hidden_states,
+            weight,
+            target,
+            sequence_parallel=output_layer.sequence_parallel,
+            chunk_tokens=self.output_chunk_tokens,
+            unpadded_vocab_size=self.unpadded_vocab_size,
+            **self._loss_kwargs(),
+        )
+        return self._keep_stats(out).transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
 
 def gpt_model_kwargs(

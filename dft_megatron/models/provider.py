@@ -103,6 +103,7 @@ def build_dft_gpt_model(
         **gpt_model_kwargs_from_args(args, **kwargs),
         loss_weighting=weighting,
         unpadded_vocab_size=unpadded_vocab_size,
+        output_chunk_tokens=args.dft_output_chunk_tokens if args.dft_chunked_output_layer else None,
     )
 
 

@@ -33,6 +33,7 @@ import torch
 
 from dft_megatron.checkpoint.paths import has_checkpoint, stored_tokenizer
 from dft_megatron.data.config import DATA_FORMATS, TRUNCATION, DataConfig
+from dft_megatron.loss.output_layer import DEFAULT_CHUNK_TOKENS
 from dft_megatron.loss.weights import LOSS_TYPES, TokenWeighting
 from dft_megatron.models.config import FAMILIES
 from dft_megatron.utils.flags import add_fields
@@ -96,6 +97,22 @@ def add_dft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             help=f"{doc} (default: {default})",
         )
 
+    g.add_argument(
+        "--dft-chunked-output-layer",
+        action="store_true",
+        help="compute the output layer and the loss together over chunks of "
+        "--dft-output-chunk-tokens tokens, forward and backward, so that the [tokens, vocab/TP] "
+        "logits never exist whole (one more output-layer GEMM in backward); for large "
+        "vocabularies and long sequences, where the logits are the largest activation",
+    )
+    g.add_argument(
+        "--dft-output-chunk-tokens",
+        type=int,
+        default=DEFAULT_CHUNK_TOKENS,
+        metavar="TOKENS",
+        help="tokens per chunk of --dft-chunked-output-layer; a chunk holds [TOKENS, vocab/TP] "
+        f"logits in the model's dtype (default: {DEFAULT_CHUNK_TOKENS})",
+    )
     g.add_argument(
         "--model-family",
         choices=FAMILIES,
@@ -255,6 +272,7 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
             "Engine, which is not importable here: run in the NGC PyTorch container or pass "
             "--transformer-impl local"
         )
+    out += _loss_path_refusals(args)
     if args.dist_ckpt_optim_fully_reshardable and args.use_distributed_optimizer:
         out.append(
             "--dist-ckpt-optim-fully-reshardable: Megatron-Core 0.19.2 saves the optimizer state "
@@ -338,6 +356,29 @@ def _te_version_refusals(args: argparse.Namespace) -> list[str]:
             "to unpickle the FP8 scaling state its checkpoints hold; set "
             "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 for checkpoints you trust"
         )
+    return out
+
+
+def _loss_path_refusals(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te":
+        out.append(
+            "--cross-entropy-fusion-impl te: Transformer Engine's fused kernel computes plain "
+            "cross-entropy only; dft_megatron's fused DFT loss is the native one (torch.compile, "
+            "as Megatron-Core's): drop --cross-entropy-fusion-impl or pass native"
+        )
+    if args.dft_output_chunk_tokens < 1:
+        out.append(f"--dft-output-chunk-tokens {args.dft_output_chunk_tokens}: must be >= 1")
+    if args.dft_chunked_output_layer:
+        for flag, on in (
+            ("--mtp-num-layers", bool(getattr(args, "mtp_num_layers", None))),
+            ("--use-mup", bool(getattr(args, "use_mup", False))),
+        ):
+            if on:
+                out.append(
+                    f"--dft-chunked-output-layer with {flag}: the chunked output layer covers "
+                    f"the main head's plain logits only; drop one of the two"
+                )
     return out
 
 

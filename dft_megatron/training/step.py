@@ -28,6 +28,7 @@ from megatron.core.utils import unwrap_model
 
 from dft_megatron.data.batches import Batch, from_stacked
 from dft_megatron.data.packing import block_causal_mask, packed_seq_params
+from dft_megatron.loss.cross_entropy import IGNORE_INDEX
 from dft_megatron.training.metrics import REGIME_EDGES, REGIME_NAMES, DFTMetrics
 
 
@@ -94,11 +95,15 @@ def forward_step(metrics: DFTMetrics | None, check_nan: bool, data_iterator, mod
             packed = packed_seq_params(batch.segment_ids)
         else:
             attention_mask = block_causal_mask(batch.segment_ids)
+    # Tokens outside the loss mask get the loss's ignore_index: no loss and no gradient in the
+    # model either (loss_func masks them anyway), and the chunked output layer then computes no
+    # logits for them at all (prompt tokens of SFT data).
+    labels = batch.labels.masked_fill(batch.loss_mask == 0, IGNORE_INDEX)
     output = model(
         batch.tokens,
         batch.position_ids,
         attention_mask,
-        labels=batch.labels,
+        labels=labels,
         packed_seq_params=packed,
     )  # [b, s] per-token loss on the last stage, hidden states elsewhere
     return output, partial(loss_func, batch, model, metrics, check_nan)

@@ -13,6 +13,10 @@ Tolerances:
   terms (Megatron-Core's CE is bound by the same).
 - bf16 / fp16 logits: rtol 1e-2 (the gradient comes back in the logits' dtype).
 
+Both entries are checked alike: `vocab_parallel_dft_cross_entropy` (Megatron-Core's CE
+steps) and `fused_vocab_parallel_dft_cross_entropy` (compiled kernels, `--cross-entropy-loss-
+fusion`).
+
 Tensor parallelism: every rank slices its vocabulary shard from one global tensor and
 compares its loss with the reference and its gradient with the reference gradient's
 shard (TP = 1 in-process; TP = 2 and 4 on gloo ranks, one spawn per size).
@@ -28,7 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dft_megatron.loss import TokenWeighting, vocab_parallel_dft_cross_entropy
+from dft_megatron.loss import (
+    TokenWeighting,
+    fused_vocab_parallel_dft_cross_entropy,
+    vocab_parallel_dft_cross_entropy,
+)
 from tests.dist import spawn
 
 VOCAB = 96  # divisible by TP 1, 2 and 4
@@ -45,6 +53,10 @@ VARIANTS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {"sbv": (SEQ, BATCH), "nv": (SEQ * BATCH,)}
+ENTRIES = {
+    "unfused": vocab_parallel_dft_cross_entropy,
+    "fused": fused_vocab_parallel_dft_cross_entropy,
+}
 
 
 def peaked_logits(shape, vocab, seed, ignore_index=None):
@@ -89,7 +101,7 @@ def reference(logits64, target, variant, grad_out, ignore_index=-100):
     loss = torch.where(ignored, 0.0, w * ce)
     (loss * grad_out).sum().backward()
     probs = torch.softmax(z.detach(), dim=-1)
-    entropy = -(probs * torch.log(probs)).sum(-1)
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # 0 log 0 = 0 (padded ids)
     return loss.detach(), z.grad, torch.where(ignored, 0.0, p), entropy, ce.detach()
 
 
@@ -98,7 +110,16 @@ def shard(t, tp, rank):
     return t[..., rank * v : (rank + 1) * v]
 
 
-def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=False, device="cpu"):
+def check_case(
+    variant,
+    dtype_name,
+    shape_name,
+    seed,
+    tp_group=None,
+    ignore=False,
+    device="cpu",
+    entry="unfused",
+):
     """Run one case on this rank's shard (on `device`) and compare with the float64 reference
     (computed on the CPU)."""
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
@@ -114,7 +135,7 @@ def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=Fals
     ref_loss, ref_grad, ref_p, ref_h, ref_ce = reference(logits.double(), target, variant, grad_out)
 
     x = shard(logits, tp, rank).clone().to(device).requires_grad_()
-    loss, stats = vocab_parallel_dft_cross_entropy(
+    loss, stats = ENTRIES[entry](
         x.clone(), target.to(device), **VARIANTS[variant], tp_group=tp_group, return_stats=True
     )
     loss.backward(grad_out.float().to(device))
@@ -129,7 +150,7 @@ def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=Fals
         rtol, atol_loss, atol_grad = 1e-5, 1e-6, 4 * eps * grad_out.max().item()
     else:
         rtol, atol_loss, atol_grad = 1e-2, 1e-4, 1e-3 * ref_grad.abs().max().item()
-    msg = f"{variant} {dtype_name} {shape_name} tp={tp} rank={rank}"
+    msg = f"{entry} {variant} {dtype_name} {shape_name} tp={tp} rank={rank}"
     torch.testing.assert_close(
         loss.double(), ref_loss, rtol=rtol, atol=atol_loss, msg=lambda m: f"loss {msg}: {m}"
     )
@@ -149,14 +170,14 @@ def check_case(variant, dtype_name, shape_name, seed, tp_group=None, ignore=Fals
         assert torch.all(grad[ignored] == 0)
 
 
-def check_all_ignored(tp_group=None, device="cpu"):
+def check_all_ignored(tp_group=None, device="cpu", entry="unfused"):
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
     logits64, target = peaked_logits((SEQ, BATCH), VOCAB, seed=3)
     target = target.fill_(-100).to(device)
     for variant in VARIANTS:
         x = shard(logits64.float(), tp, rank).clone().to(device).requires_grad_()
-        loss, stats = vocab_parallel_dft_cross_entropy(
+        loss, stats = ENTRIES[entry](
             x.clone(), target, **VARIANTS[variant], tp_group=tp_group, return_stats=True
         )
         # The trainer's token mean divides by the number of loss tokens, here 0 -> max(.,1).
@@ -166,7 +187,7 @@ def check_all_ignored(tp_group=None, device="cpu"):
         assert torch.isfinite(stats.entropy).all()
 
 
-def check_matches_megatron_ce(tp_group):
+def check_matches_megatron_ce(tp_group, entry="unfused"):
     """loss_type='sft' is Megatron-Core's own vocab_parallel_cross_entropy to 1e-6."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -176,15 +197,17 @@ def check_matches_megatron_ce(tp_group):
     grad_out = torch.rand(target.shape, generator=torch.Generator().manual_seed(6))
     a = logits.clone().requires_grad_()
     b = logits.clone().requires_grad_()
-    ours = vocab_parallel_dft_cross_entropy(a.clone(), target, loss_type="sft", tp_group=tp_group)
+    ours = ENTRIES[entry](a.clone(), target, loss_type="sft", tp_group=tp_group)
     theirs = vocab_parallel_cross_entropy(b.clone(), target, tp_group=tp_group)
     ours.backward(grad_out)
     theirs.backward(grad_out)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    # The fused kernels sum exp() in another order: a few fp32 epsilons on p - 1 near p = 1.
+    atol = 1e-7 if entry == "unfused" else 4 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=atol)
 
 
-def check_collectives(tp_group):
+def check_collectives(tp_group, entry="unfused"):
     """One MAX and one SUM all-reduce per call, with and without stats; none backward."""
     calls = []
     real_all_reduce = dist.all_reduce
@@ -201,7 +224,7 @@ def check_collectives(tp_group):
         for return_stats, return_entropy in ((False, True), (True, False), (True, True)):
             calls.clear()
             y = x.clone().requires_grad_()
-            out = vocab_parallel_dft_cross_entropy(
+            out = ENTRIES[entry](
                 y.clone(),
                 target,
                 tp_group=tp_group,
@@ -211,9 +234,10 @@ def check_collectives(tp_group):
             loss = out[0] if return_stats else out
             loss.sum().backward()
             rows = 3 if return_stats and return_entropy else 2
+            tokens = (SEQ, BATCH) if entry == "unfused" else (SEQ * BATCH,)  # fused: [n] rows
             assert calls == [
-                (dist.ReduceOp.MAX, (SEQ, BATCH)),
-                (dist.ReduceOp.SUM, (rows, SEQ, BATCH)),
+                (dist.ReduceOp.MAX, tokens),
+                (dist.ReduceOp.SUM, (rows, *tokens)),
             ], calls
             results[(return_stats, return_entropy)] = (
                 loss,
@@ -231,7 +255,7 @@ def check_collectives(tp_group):
         dist.all_reduce = real_all_reduce
 
 
-def check_bad_target(tp_group=None, device="cpu"):
+def check_bad_target(tp_group=None, device="cpu", entry="unfused"):
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     logits64, target = peaked_logits((SEQ, BATCH), VOCAB, seed=8)
     x = shard(logits64.float(), tp, 0).to(device)
@@ -239,7 +263,7 @@ def check_bad_target(tp_group=None, device="cpu"):
         t = target.clone().to(device)
         t[2, 1] = bad
         with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 96\).*target\[2, 1\]"):
-            vocab_parallel_dft_cross_entropy(x.clone(), t, tp_group=tp_group)
+            ENTRIES[entry](x.clone(), t, tp_group=tp_group)
 
 
 def all_cases():
@@ -249,29 +273,33 @@ def all_cases():
 # ---------------------------------------------------------------- TP = 1, in process
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("variant,dtype_name,shape_name", list(all_cases()))
-def test_matches_float64_reference(variant, dtype_name, shape_name):
-    check_case(variant, dtype_name, shape_name, seed=11)
+def test_matches_float64_reference(variant, dtype_name, shape_name, entry):
+    check_case(variant, dtype_name, shape_name, seed=11, entry=entry)
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_ignore_index(variant):
-    check_case(variant, "fp32", "sbv", seed=12, ignore=True)
+def test_ignore_index(variant, entry):
+    check_case(variant, "fp32", "sbv", seed=12, ignore=True, entry=entry)
 
 
-def test_ignore_index_that_is_a_valid_id():
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_ignore_index_that_is_a_valid_id(entry):
     """ignore_index may be a real vocabulary id (a pad token): still no loss, no gradient."""
     logits64, target = peaked_logits((SEQ, BATCH), VOCAB, seed=13)
     target[::2] = 0
     x = logits64.float().requires_grad_()
-    loss = vocab_parallel_dft_cross_entropy(x.clone(), target, ignore_index=0)
+    loss = ENTRIES[entry](x.clone(), target, ignore_index=0)
     loss.sum().backward()
     assert torch.all(loss[target == 0] == 0) and torch.all(x.grad[target == 0] == 0)
     assert torch.all(loss[target != 0] > 0)
 
 
-def test_all_ignored_gives_zeros():
-    check_all_ignored()
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_all_ignored_gives_zeros(entry):
+    check_all_ignored(entry=entry)
 
 
 @pytest.fixture
@@ -288,12 +316,14 @@ def single_rank_world():
         dist.destroy_process_group()
 
 
-def test_sft_matches_megatron_ce(single_rank_world):
-    check_matches_megatron_ce(single_rank_world)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_sft_matches_megatron_ce(single_rank_world, entry):
+    check_matches_megatron_ce(single_rank_world, entry)
 
 
-def test_bad_targets():
-    check_bad_target()
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_bad_targets(entry):
+    check_bad_target(entry=entry)
 
 
 @pytest.mark.parametrize(
@@ -306,18 +336,20 @@ def test_bad_targets():
         (dict(loss_type="sft", dft_alpha=2.0), "only apply to loss_type='dft'"),
     ],
 )
-def test_bad_arguments(kwargs, match):
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_bad_arguments(kwargs, match, entry):
     x = torch.randn(4, VOCAB)
     with pytest.raises(ValueError, match=match):
-        vocab_parallel_dft_cross_entropy(x, torch.zeros(4, dtype=torch.long), **kwargs)
+        ENTRIES[entry](x, torch.zeros(4, dtype=torch.long), **kwargs)
 
 
-def test_bad_shapes_and_dtypes():
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_bad_shapes_and_dtypes(entry):
     x = torch.randn(4, 3, VOCAB)
     with pytest.raises(ValueError, match=r"target shape \(4,\) must equal .* \(4, 3\)"):
-        vocab_parallel_dft_cross_entropy(x, torch.zeros(4, dtype=torch.long))
+        ENTRIES[entry](x, torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="integer token ids"):
-        vocab_parallel_dft_cross_entropy(x, torch.zeros(4, 3))
+        ENTRIES[entry](x, torch.zeros(4, 3))
 
 
 def test_fp32_logits_are_used_in_place():
@@ -332,7 +364,24 @@ def test_fp32_logits_are_used_in_place():
     assert torch.equal(y, before)  # upcast into a new fp32 buffer: input untouched
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_fused_keeps_the_logits_and_writes_their_gradient_into_them(dtype_name):
+    """Documented semantics of the fused path: forward leaves the logits as they are (no
+    copy is kept), backward overwrites them with their gradient (no new logits-sized buffer)."""
+    logits64, target = peaked_logits((SEQ, BATCH), VOCAB, seed=14)
+    x = logits64.to(DTYPES[dtype_name])
+    before = x.clone()
+    z = x.requires_grad_(False).clone().requires_grad_()  # a leaf the caller owns
+    logits = z * 1.0  # a non-leaf, as the output layer's logits are
+    loss = fused_vocab_parallel_dft_cross_entropy(logits, target)
+    assert torch.equal(logits, before)
+    loss.sum().backward()
+    assert torch.equal(logits, z.grad)
+    assert z.grad.dtype == x.dtype
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_gradcheck_float64(entry):
     """gradcheck of the whole Function (sft, where the loss is exactly differentiable).
 
     Backward reuses the softmax buffer, so it can run once per forward (a second backward
@@ -343,7 +392,7 @@ def test_gradcheck_float64():
     coef = torch.rand(5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     def objective(z):
-        return vocab_parallel_dft_cross_entropy(z.clone(), target, loss_type="sft") @ coef
+        return ENTRIES[entry](z.clone(), target, loss_type="sft") @ coef
 
     # gradcheck runs backward twice over one graph; non-reentrant activation checkpointing
     # recomputes the forward (and so the softmax buffer) for each backward.
@@ -386,14 +435,15 @@ def test_dft_gradient_is_weighted_ce_gradient_with_frozen_weight(variant):
 
 def _tp_worker(rank, world_size):
     group = dist.new_group(list(range(world_size)))
-    for i, (variant, dtype_name, shape_name) in enumerate(all_cases()):
-        check_case(variant, dtype_name, shape_name, seed=100 + i, tp_group=group)
-    for variant in VARIANTS:
-        check_case(variant, "fp32", "sbv", seed=200, tp_group=group, ignore=True)
-    check_all_ignored(group)
-    check_matches_megatron_ce(group)
-    check_collectives(group)
-    check_bad_target(group)
+    for entry in ENTRIES:
+        for i, (variant, dtype_name, shape_name) in enumerate(all_cases()):
+            check_case(variant, dtype_name, shape_name, seed=100 + i, tp_group=group, entry=entry)
+        for variant in VARIANTS:
+            check_case(variant, "fp32", "sbv", seed=200, tp_group=group, ignore=True, entry=entry)
+        check_all_ignored(group, entry=entry)
+        check_matches_megatron_ce(group, entry=entry)
+        check_collectives(group, entry=entry)
+        check_bad_target(group, entry=entry)
 
     # The default group is Megatron-Core's tensor-parallel group once it is initialized.
     from megatron.core import parallel_state
