@@ -20,29 +20,20 @@ which cancels load that comes and goes. Peak memory is what the call holds above
 inputs (see benchmarks/common.py).
 
     python -m benchmarks.bench_loss                       # the README table
-    python -m benchmarks.bench_loss --tokens 1024 --vocab 32000 --tp 1 --reps 2
+    python -m benchmarks.bench_loss --tokens 1024 --vocab 32000 --tp 1 --reps 2 --json out.json
+
+`--json FILE` writes the rows as a list of {"tp", "vocab", "tokens", "method", "ms",
+"time_ratio_mcore_ce", "time_ratio_mcore_fused_ce", "peak_mib", "memory_ratio_mcore_ce"}.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import (
-    MiB,
-    command_line,
-    measure_once,
-    paired_ratio,
-    spawn_ranks,
-    summarize,
-    versions,
-)
+from benchmarks.common import parse_table_args, round_robin, run_table, table_parser
 
 METHODS = (
     "mcore_ce",
@@ -124,72 +115,20 @@ def _worker(rank, world_size, args, out_path):
         target = target.to(device)
         grad = torch.full((args.tokens,), 1.0 / args.tokens, device=device)
         del logits
-        samples = {name: [] for name in args.methods}
-        # Round-robin over the methods, so that drift of the machine hits them all alike.
-        for rep in range(args.warmup + args.reps):
-            for name in args.methods:
-                fn = methods[name]
-                sample = measure_once(
-                    lambda x, fn=fn, t=target, g=grad: fn(x, t).backward(g),
-                    lambda s=shard: s.clone().requires_grad_(),
-                    device,
-                    barrier=lambda: dist.barrier(group),
-                )
-                if rep >= args.warmup:
-                    samples[name].append(sample)
-        for name in args.methods:
-            results[f"{vocab}/{name}"] = (
-                [t for t, _ in samples[name]],
-                summarize(samples[name])[1],
-            )
+        got = round_robin(
+            methods, args.methods, lambda s=shard: s.clone().requires_grad_(), target, grad,
+            device, group, args,
+        )  # fmt: skip
+        results.update({f"{vocab}/{name}": v for name, v in got.items()})
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch")
-    parser.add_argument(
-        "--vocab", type=int, nargs="+", default=[32000, 152064], help="vocabulary sizes"
-    )
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per method")
-    parser.add_argument("--reps", type=int, default=5, help="timed calls per method (median)")
-    args = parser.parse_args(argv)
-    args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    if "mcore_ce" not in args.methods:
-        parser.error("--methods must include mcore_ce, the reference of the ratios")
-    for tp in args.tp:
-        bad = [v for v in args.vocab if v % tp]
-        if bad:
-            parser.error(f"--vocab {bad} not divisible by --tp {tp}")
-
-    rows = []
-    for tp in args.tp:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "results.json")
-            backend = spawn_ranks(_worker, tp, args, out)
-            with open(out) as f:
-                results = json.load(f)
-        for vocab in args.vocab:
-            seconds = {name: results[f"{vocab}/{name}"][0] for name in args.methods}
-            base_m = results[f"{vocab}/mcore_ce"][1]
-            for name in args.methods:
-                m = results[f"{vocab}/{name}"][1]
-                t = statistics.median(seconds[name])
-                ratio = paired_ratio(seconds, name, "mcore_ce")
-                rows.append((tp, vocab, name, t * 1e3, ratio, m / MiB, m / base_m))
-
-    print(
-        f"\n{command_line()}\n{versions()}; {args.tokens} tokens, {args.dtype} logits, {backend}\n"
-    )
-    print("| TP | vocab | method | fwd+bwd ms | time / mcore_ce | peak MiB | memory / mcore_ce |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
-    for tp, vocab, name, ms, tr, mib, mr in rows:
-        print(f"| {tp} | {vocab} | {name} | {ms:.1f} | {tr:.3f} | {mib:.0f} | {mr:.3f} |")
+    parser = table_parser(__doc__.split("\n\n")[0], METHODS, warmup=2, reps=5)
+    args = parse_table_args(parser, argv)
+    run_table(_worker, args, f"{args.tokens} tokens, {args.dtype} logits")
 
 
 if __name__ == "__main__":

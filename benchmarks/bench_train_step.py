@@ -11,6 +11,9 @@ all-reduce), with the model, DDP wrapper, optimizer and scheduler of Megatron-LM
                as in a real run: the fused DFT loss with its per-token statistics, the
                report pairs, `DFTMetrics` collecting every micro-batch
   engine_sft   the same with --loss-type sft
+  engine_dft_fused    engine_dft with --cross-entropy-loss-fusion (the fused DFT loss)
+  engine_dft_chunked  engine_dft with --dft-chunked-output-layer (output layer + loss over
+               chunks of --dft-output-chunk-tokens tokens)
   mcore_gpt    the reference (1.00): Megatron-Core's plain `GPTModel` (its own loss,
                `vocab_parallel_cross_entropy`) from the same args and layer spec, with a
                forward step and loss function in the shape of Megatron-LM's pretrain_gpt.py
@@ -43,7 +46,8 @@ The table gives the median step time, the ratios as the median over repetitions 
 within one repetition (robust to load that comes and goes on a shared machine), and the peak
 memory held above the step's start (benchmarks/common.py); the header gives the machine's load
 average at the start and end of the run (other work on it shows in the times). `--json FILE`
-also writes the rows as a list of {"tp", "method", "ms", "time_ratio_mcore", "peak_mib"}.
+also writes the rows as a list of {"tp", "method", "ms", "time_ratio_mcore", "time_ratio_sft",
+"time_ratio_dft", "peak_mib", "memory_ratio_dft"} (None where the reference was not run).
 
 Arguments this script does not know are Megatron-LM flags, applied after its defaults
 (`MEGATRON_FLAGS`), e.g. `--hidden-size 512 --num-layers 8`; the TP size comes from --tp and the
@@ -54,6 +58,8 @@ measure the CPU paths there.
     python -m benchmarks.bench_train_step                 # TP 1 and 2, 8 steps each
     python -m benchmarks.bench_train_step --tp 1 --reps 5 --json out.json
     python -m benchmarks.bench_train_step --tp 2 --seq-length 512 --max-position-embeddings 512
+    python -m benchmarks.bench_train_step --tp 1 --variants engine_dft engine_dft_chunked \\
+        --bf16 --hidden-size 1024 --seq-length 4096 --vocab-size 152064 ...   # the memory row
 """
 
 from __future__ import annotations
@@ -79,8 +85,18 @@ from benchmarks.common import (
     versions,
 )
 
-VARIANTS = ("engine_dft", "engine_sft", "mcore_gpt")
+VARIANT_ARGS = {
+    "engine_dft": dict(loss_type="dft"),
+    "engine_sft": dict(loss_type="sft"),
+    "mcore_gpt": dict(loss_type="sft"),
+    "engine_dft_fused": dict(loss_type="dft", cross_entropy_loss_fusion=True),
+    "engine_dft_chunked": dict(loss_type="dft", dft_chunked_output_layer=True),
+}
+"""Megatron-LM args each variant's model is built with (set for the duration of its setup)."""
+DEFAULT_VARIANTS = ("engine_dft", "engine_sft", "mcore_gpt")
 REFERENCE = "mcore_gpt"
+RATIO_COLUMNS = {"mcore_gpt": "mcore", "engine_sft": "sft", "engine_dft": "dft"}
+"""Variant -> the `time_ratio_*` key of the ratio to it (where it was run)."""
 
 MEGATRON_FLAGS = [
     "--num-layers", "4",
@@ -215,14 +231,15 @@ class _Variant:
             self.forward_step_func = partial(
                 forward_step, self.metrics, args.check_for_nan_in_loss_and_grad
             )
-        loss_type = args.loss_type
-        args.loss_type = "dft" if name == "engine_dft" else "sft"  # model_provider reads it
+        # model_provider and the model's TransformerConfig read these.
+        saved = {key: getattr(args, key) for key in VARIANT_ARGS[name]}
+        vars(args).update(VARIANT_ARGS[name])
         try:
             self.model, self.optimizer, self.scheduler = training.setup_model_and_optimizer(
                 ModelType.encoder_or_decoder, model_provider_func=provider
             )
         finally:
-            args.loss_type = loss_type
+            vars(args).update(saved)
         # What train() sets up before its loop (no --overlap-grad-reduce / param-gather here).
         for chunk in self.model:
             chunk.train()
@@ -283,7 +300,8 @@ def _worker(rank, world_size, megatron_argv, bench, out_path):
     on_gpu = torch.cuda.is_available() and args.distributed_backend == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
-    steps = {name: _Variant(name, args) for name in VARIANTS}
+    variants = tuple(bench.variants)
+    steps = {name: _Variant(name, args) for name in variants}
 
     # Megatron-LM's data iterator on dft_megatron's provider; a few global batches drawn once.
     provider = DatasetsProvider(args, data_config(args), None, get_tokenizer().vocab_size)
@@ -293,12 +311,12 @@ def _worker(rank, world_size, megatron_argv, bench, out_path):
         [next(train_iterator) for _ in range(num_microbatches)] for _ in range(_GLOBAL_BATCHES)
     ]
 
-    samples = {name: [] for name in VARIANTS}
+    samples = {name: [] for name in variants}
     first_loss = {}
     for rep in range(bench.warmup + bench.reps):
         batches = global_batches[rep % len(global_batches)]
-        shift = rep % len(VARIANTS)
-        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+        shift = rep % len(variants)
+        for name in variants[shift:] + variants[:shift]:
             variant, losses = steps[name], []
             sample = measure_once(
                 lambda it, v=variant, out=losses: out.append(v.step(it)),
@@ -313,10 +331,10 @@ def _worker(rank, world_size, megatron_argv, bench, out_path):
                 samples[name].append(sample)
     if rank == 0:
         results = {
-            "seconds": {name: [t for t, _ in samples[name]] for name in VARIANTS},
-            "peak_bytes": {name: summarize(samples[name])[1] for name in VARIANTS},
+            "seconds": {name: [t for t, _ in samples[name]] for name in variants},
+            "peak_bytes": {name: summarize(samples[name])[1] for name in variants},
             "first_loss": first_loss,
-            "skipped": {name: steps[name].skipped for name in VARIANTS},
+            "skipped": {name: steps[name].skipped for name in variants},
             "setup": {
                 "transformer_impl": args.transformer_impl,
                 "params_dtype": str(args.params_dtype).removeprefix("torch."),
@@ -344,6 +362,14 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--reps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        choices=list(VARIANT_ARGS),
+        help="what to step (the first is the reference of the ratios when mcore_gpt and "
+        "engine_sft are not among them)",
+    )
     bench, extra = parser.parse_known_args(argv)
     for flag in _SET_HERE:
         if any(a == flag or a.startswith(flag + "=") for a in extra):
@@ -361,30 +387,37 @@ def main(argv=None):
             with open(out) as f:
                 got = json.load(f)
         seconds, first, setup = got["seconds"], got["first_loss"], got["setup"]
-        for name in VARIANTS:
-            rows.append(
-                {
-                    "tp": tp,
-                    "method": name,
-                    "ms": statistics.median(seconds[name]) * 1e3,
-                    "time_ratio_mcore": paired_ratio(seconds, name, REFERENCE),
-                    "time_ratio_sft": paired_ratio(seconds, name, "engine_sft"),
-                    "peak_mib": got["peak_bytes"][name] / MiB,
-                }
+        peak = got["peak_bytes"]
+        for name in bench.variants:
+            row = {"tp": tp, "method": name, "ms": statistics.median(seconds[name]) * 1e3}
+            for ref, key in RATIO_COLUMNS.items():
+                row[f"time_ratio_{key}"] = (
+                    paired_ratio(seconds, name, ref) if ref in seconds else None
+                )
+            row["peak_mib"] = peak[name] / MiB
+            base = peak.get("engine_dft")
+            row["memory_ratio_dft"] = peak[name] / base if base else None
+            rows.append(row)
+        if "engine_sft" in first and REFERENCE in first:
+            sft, ref = first["engine_sft"], first[REFERENCE]
+            agree = math.isclose(sft, ref, rel_tol=1e-5, abs_tol=1e-6)
+            padded = setup["padded_vocab_size"] - setup["vocab_size"]
+            must = (
+                "same weights and batch: must agree"
+                if padded <= 0
+                else f"the {padded} padded vocabulary columns are masked out of the softmax by "
+                "DFTGPTModel, not by GPTModel: give a --vocab-size that needs no padding to "
+                "compare"
             )
-        sft, ref = first["engine_sft"], first[REFERENCE]
-        agree = math.isclose(sft, ref, rel_tol=1e-5, abs_tol=1e-6)
-        padded = setup["padded_vocab_size"] - setup["vocab_size"]
-        must = (
-            "same weights and batch: must agree"
-            if padded <= 0
-            else f"the {padded} padded vocabulary columns are masked out of the softmax by "
-            "DFTGPTModel, not by GPTModel: give a --vocab-size that needs no padding to compare"
-        )
+            notes.append(
+                f"TP {tp} first-step lm loss: engine_sft {sft:.6f}, mcore_gpt {ref:.6f} "
+                f"(difference {sft - ref:.2e}: {'agree' if agree else 'DIFFER'}; {must})"
+            )
+        dft_losses = {k: v for k, v in first.items() if k.startswith("engine_dft")}
         notes.append(
-            f"TP {tp} first-step lm loss: engine_sft {sft:.6f}, mcore_gpt {ref:.6f} "
-            f"(difference {sft - ref:.2e}: {'agree' if agree else 'DIFFER'}; {must}); "
-            f"engine_dft (the DFT loss) {first['engine_dft']:.6f}"
+            f"TP {tp} first-step DFT loss: "
+            + ", ".join(f"{k} {v:.6f}" for k, v in dft_losses.items())
+            + " (same weights and batch: must agree to fp32 rounding)"
         )
         if any(got["skipped"].values()):
             notes.append(f"TP {tp} optimizer steps skipped (loss scaling): {got['skipped']}")
@@ -400,28 +433,29 @@ def main(argv=None):
         f"{bench.warmup} warm-up, round-robin in a rotating order; step ms: median; ratios: "
         "median over the repetitions of the ratio within one repetition\n"
     )
-    print(f"| TP | method | step ms | / {REFERENCE} | / engine_sft | peak MiB |")
-    print("|---:|---|---:|---:|---:|---:|")
+    refs = [ref for ref in RATIO_COLUMNS if ref in bench.variants]
+    print(
+        "| TP | method | step ms | "
+        + "".join(f"/ {ref} | " for ref in refs)
+        + "peak MiB | memory / engine_dft |"
+    )
+    print("|---:|---|---:|" + "---:|" * len(refs) + "---:|---:|")
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for r in rows:
+        ratios = "".join(f"{r[f'time_ratio_{RATIO_COLUMNS[ref]}']:.3f} | " for ref in refs)
         print(
-            f"| {r['tp']} | {r['method']} | {r['ms']:.1f} | {r['time_ratio_mcore']:.3f} | "
-            f"{r['time_ratio_sft']:.3f} | {r['peak_mib']:.0f} |"
+            f"| {r['tp']} | {r['method']} | {r['ms']:.1f} | {ratios}{r['peak_mib']:.0f} | "
+            f"{fmt(r['memory_ratio_dft'], '.3f')} |"
         )
     print()
-    for tp in bench.tp:
-        r = {row["method"]: row for row in rows if row["tp"] == tp}
-        print(
-            f"TP {tp}: engine_dft / engine_sft = {r['engine_dft']['time_ratio_sft']:.3f} "
-            f"(target <= 1.02); engine_dft / mcore_gpt = "
-            f"{r['engine_dft']['time_ratio_mcore']:.3f}, engine_sft / mcore_gpt = "
-            f"{r['engine_sft']['time_ratio_mcore']:.3f} (target <= 1.03)"
-        )
     for note in notes:
         print(note)
     if bench.json:
-        keys = ("tp", "method", "ms", "time_ratio_mcore", "peak_mib")
         with open(bench.json, "w") as f:
-            json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
+            json.dump(rows, f, indent=1)
             f.write("\n")
 
 

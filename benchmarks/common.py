@@ -11,6 +11,7 @@ was held when it started:
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import statistics
@@ -147,3 +148,137 @@ def command_line() -> str:
     argv = list(getattr(sys, "orig_argv", sys.argv))
     argv[0] = "python"
     return " ".join(argv)
+
+
+ROW_KEYS = (
+    "tp",
+    "vocab",
+    "tokens",
+    "method",
+    "ms",
+    "time_ratio_mcore_ce",
+    "time_ratio_mcore_fused_ce",
+    "peak_mib",
+    "memory_ratio_mcore_ce",
+)
+"""The machine-readable row of the loss and output-layer benchmarks (`--json FILE`)."""
+
+
+def ratio_rows(tp: int, vocab: int, tokens: int, results: dict, methods: list[str]) -> list[dict]:
+    """Rows of one (TP, vocab) measurement: `results[method] = (seconds list, peak bytes)`,
+    ratios against "mcore_ce" and "mcore_fused_ce" paired per repetition (None where the
+    reference was not run)."""
+    seconds = {name: results[name][0] for name in methods}
+    rows = []
+    for name in methods:
+        row = dict(tp=tp, vocab=vocab, tokens=tokens, method=name)
+        row["ms"] = statistics.median(seconds[name]) * 1e3
+        for ref in ("mcore_ce", "mcore_fused_ce"):
+            ratio = paired_ratio(seconds, name, ref) if ref in seconds else None
+            row[f"time_ratio_{ref}"] = ratio
+        row["peak_mib"] = results[name][1] / MiB
+        base = results.get("mcore_ce", (None, 0))[1]
+        row["memory_ratio_mcore_ce"] = results[name][1] / base if base else None
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict], header: str) -> None:
+    """The README table of `ratio_rows` rows, after the command line, versions and `header`."""
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    print(f"\n{command_line()}\n{versions()}; {header}\n")
+    print(
+        "| TP | vocab | method | fwd+bwd ms | / mcore_ce | / mcore_fused_ce | peak MiB "
+        "| memory / mcore_ce |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['tp']} | {r['vocab']} | {r['method']} | {r['ms']:.1f} | "
+            f"{fmt(r['time_ratio_mcore_ce'], '.3f')} | "
+            f"{fmt(r['time_ratio_mcore_fused_ce'], '.3f')} | {r['peak_mib']:.0f} | "
+            f"{fmt(r['memory_ratio_mcore_ce'], '.3f')} |"
+        )
+
+
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    """`--json FILE`: the rows, ROW_KEYS each, as a JSON list."""
+    if path:
+        with open(path, "w") as f:
+            json.dump([{k: r[k] for k in ROW_KEYS} for r in rows], f, indent=1)
+            f.write("\n")
+
+
+def table_parser(description: str, methods: tuple[str, ...], warmup: int, reps: int):
+    """The arguments the loss and output-layer benchmarks share; `parse_table_args` checks
+    them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch")
+    parser.add_argument(
+        "--vocab", type=int, nargs="+", default=[32000, 152064], help="vocabulary sizes"
+    )
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--methods", nargs="+", default=list(methods), choices=methods)
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per method")
+    parser.add_argument("--reps", type=int, default=reps, help="timed calls per method (median)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE (a list)")
+    return parser
+
+
+def parse_table_args(parser, argv):
+    args = parser.parse_args(argv)
+    args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if "mcore_ce" not in args.methods:
+        parser.error("--methods must include mcore_ce, the reference of the ratios")
+    for tp in args.tp:
+        bad = [v for v in args.vocab if v % tp]
+        if bad:
+            parser.error(f"--vocab {bad} not divisible by --tp {tp}")
+    return args
+
+
+def run_table(worker: Callable, args, header: str) -> None:
+    """`worker(rank, world_size, args, out_path)` at each --tp size; rank 0 writes
+    {"<vocab>/<method>": [seconds list, peak bytes]} to out_path. Prints the table of every
+    size (`print_rows`, `header` plus the backend) and writes --json."""
+    import os
+    import tempfile
+
+    rows, backend = [], "gloo"
+    for tp in args.tp:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "results.json")
+            backend = spawn_ranks(worker, tp, args, out)
+            with open(out) as f:
+                results = json.load(f)
+        for vocab in args.vocab:
+            got = {name: results[f"{vocab}/{name}"] for name in args.methods}
+            rows += ratio_rows(tp, vocab, args.tokens, got, args.methods)
+    print_rows(rows, f"{header}, {backend}")
+    write_rows(args.json, rows)
+
+
+def round_robin(methods: dict, names: list[str], setup, target, grad, device, group, args):
+    """{name: [seconds list, peak bytes]}: every method's `fn(setup(), target).backward(grad)`
+    once per repetition, in turn (drift of the machine hits them all alike); --warmup
+    repetitions untimed, then --reps timed."""
+    import torch.distributed as dist
+
+    samples = {name: [] for name in names}
+    for rep in range(args.warmup + args.reps):
+        for name in names:
+            sample = measure_once(
+                lambda x, fn=methods[name]: fn(x, target).backward(grad),
+                setup,
+                device,
+                barrier=lambda: dist.barrier(group),
+            )
+            if rep >= args.warmup:
+                samples[name].append(sample)
+    return {name: ([t for t, _ in s], summarize(s)[1]) for name, s in samples.items()}

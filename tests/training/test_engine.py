@@ -6,6 +6,11 @@ processes over gloo), against references this code does not compute.
   batches at TP2 with sequence parallelism, PP2, DP2 with the distributed optimizer, PP2 x VP2
   (interleaved 1F1B) and TP2 x PP2 with the distributed optimizer give the TP1 run's loss, CE
   and mean target p (1e-4 absolute), grad norm (1e-4 relative) and target-token counts.
+- The fused loss (--cross-entropy-loss-fusion) and the chunked output layer
+  (--dft-chunked-output-layer, chunks of 5 tokens) at TP2 x SP, PP2 and TP2 x PP2 give the
+  unfused TP1 run's losses, mean p and entropy (1e-5 absolute) and grad norm (1e-5 relative).
+- One DFT step at TP2 through each loss path equals one SGD step of the objective computed in
+  float64 by transformers (weights, loss and CE).
 - A converted model fine-tuned in bf16 with --finetune and a --seed other than the
   conversion's keeps its weights: exported after 2 steps at lr 1e-12, every tensor equals
   transformers' original within bf16 rounding (2^-8 relative per element); the same with
@@ -99,6 +104,20 @@ LAYOUTS = {
 }  # fmt: skip
 
 
+LOSS_PATHS = {
+    "unfused": [],
+    "fused": ["--cross-entropy-loss-fusion"],
+    "chunked": ["--dft-chunked-output-layer", "--dft-output-chunk-tokens", "5"],
+}
+PATH_LAYOUTS = [
+    ("fused", "tp2_sp"),
+    ("fused", "tp2_pp2_distopt"),
+    ("chunked", "tp2_sp"),
+    ("chunked", "pp2"),
+    ("chunked", "tp2_pp2_distopt"),
+]
+
+
 @pytest.fixture(scope="module")
 def reference(checkpoint, tmp_path_factory):
     run = train(
@@ -120,6 +139,20 @@ def test_layout_parity(layout, checkpoint, reference, tmp_path):
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
     # DFT trains: the weighted loss is far below the CE it weights.
     assert reference[0]["loss"] < 0.5 * reference[0]["ce_loss"]
+
+
+@pytest.mark.parametrize("path,layout", PATH_LAYOUTS)
+def test_loss_path_parity(path, layout, checkpoint, reference, tmp_path):
+    """The fused loss and the chunked output layer train as the unfused TP1 run does."""
+    nproc, flags = LAYOUTS[layout]
+    flags = ["--load", str(checkpoint), "--finetune", *STEPS, *flags, *LOSS_PATHS[path]]
+    run = train(tmp_path, f"{path}_{layout}", nproc, flags)
+    assert len(run.train) == len(reference)
+    for ours, ref in zip(run.train, reference, strict=True):
+        assert ours["tokens"] == ref["tokens"] > 0
+        for key in ("loss", "ce_loss", "target_prob_mean", "entropy"):
+            assert ours[key] == pytest.approx(ref[key], abs=1e-5), (path, layout, key, ours)
+        assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
 
 
 def _max_relative_error(hf_dir, exported, per_element: bool = True) -> dict[str, float]:
@@ -188,8 +221,10 @@ def test_sample_based_schedule_and_decoupled_lr(hf_model, checkpoint, tmp_path):
     assert torch.isfinite(torch.tensor(list(errors.values()))).all()
 
 
-def test_one_step_equals_transformers_gradient_step(hf_model, checkpoint, tmp_path):
-    """One DFT step of the engine at TP2 (SGD, no decay, no clipping) on pre-tokenized rows
+@pytest.mark.parametrize("path", list(LOSS_PATHS))
+def test_one_step_equals_transformers_gradient_step(path, hf_model, checkpoint, tmp_path):
+    """One DFT step of the engine at TP2 (SGD, no decay, no clipping) on pre-tokenized rows,
+    through each loss path (the chunked one skips the prompt tokens' logits),
     moves every weight as one SGD step of the same objective does in plain transformers:
     W1 = W0 - lr * grad of the token mean over loss tokens of -sg(p) log p, computed in
     float64 by transformers' model. Compared per tensor: within 1e-3 of the largest update
@@ -213,21 +248,24 @@ def test_one_step_equals_transformers_gradient_step(hf_model, checkpoint, tmp_pa
     flags += ["--train-iters", "1", "--optimizer", "sgd", "--sgd-momentum", "0", "--lr", str(lr)]
     flags += ["--weight-decay", "0", "--clip-grad", "0", "--lr-decay-style", "constant"]
     flags += ["--tensor-model-parallel-size", "2", "--save", str(save), "--save-interval", "1"]
-    flags += ["--data-cache-path", str(tmp_path / "cache")]
+    flags += ["--data-cache-path", str(tmp_path / "cache"), *LOSS_PATHS[path]]
     run = train(tmp_path, "step", 2, flags)
     exported = convert_megatron_to_hf(save, tmp_path / "hf")
 
     model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float64)
-    total, count = 0.0, 0
+    total, ce, count = 0.0, 0.0, 0
     for r in rows:
         ids = torch.tensor(r["input_ids"])
         mask = torch.tensor(r["loss_mask"][1:], dtype=torch.float64)
         logp = torch.log_softmax(model(ids[None, :-1]).logits[0], dim=-1)
         logp_target = logp.gather(1, ids[1:, None])[:, 0]
         total = total - (logp_target.exp().detach() * logp_target * mask).sum()
+        ce -= float((logp_target.detach() * mask).sum())
         count += int(mask.sum())
     (total / count).backward()
+    assert run.train[0]["tokens"] == count
     assert run.train[0]["loss"] == pytest.approx(float(total) / count, rel=1e-5)
+    assert run.train[0]["ce_loss"] == pytest.approx(ce / count, rel=1e-5)
 
     before = load_file(str(hf_model / "model.safetensors"))
     after = load_file(str(exported / "model.safetensors"))
