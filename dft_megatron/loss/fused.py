@@ -30,15 +30,26 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from megatron.core.jit import jit_fuser
+from megatron.core import jit
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from dft_megatron.loss.weights import TokenWeighting
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 logits; fp64 logits stay fp64 (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def jit_fuser(fn):
+    """Megatron-Core's `jit_fuser` (torch.compile), looked up at the first call rather than at
+    import, so that Megatron-LM's `--disable-jit-fuser` (which swaps it for a no-op once the
+    args are parsed) runs these kernels eagerly, as it does Megatron-Core's own."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = jit.jit_fuser(fn)
+        return compiled(*args)
+
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
 
 
 @jit_fuser

@@ -8,8 +8,9 @@ hidden states through a least-squares solve).
 
 Tolerances (relative, plus an absolute floor at 1e-6 of the largest reference entry):
 - fp32: 1e-5 on loss, hidden-state and weight gradients.
-- bf16: 1e-2 on the loss; 2e-2 relative to the largest entry on the gradients (the logits and
-  the gradient GEMMs are bf16, as in a bf16 model's output layer).
+- bf16 / fp16: 1e-2 on the loss; 2e-2 relative to the largest entry on the gradients (the
+  logits and the gradient GEMMs are in that dtype, as in a half-precision model's output
+  layer).
 
 Layouts: TP 1 in process; TP 2 and 4 on gloo ranks, every rank slicing its vocabulary shard
 of one global weight (and, with sequence parallelism, its sequence slice of the hidden
@@ -68,6 +69,7 @@ def check_chunked(
     unpadded=VOCAB,
     tied=False,
     main_grad=False,
+    device="cpu",
 ):
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
@@ -85,16 +87,16 @@ def check_chunked(
     h_local = hidden64[rank * s : (rank + 1) * s] if sequence_parallel else hidden64
     ref_gh_local = ref_gh[rank * s : (rank + 1) * s] if sequence_parallel else ref_gh
 
-    hidden = h_local.to(dtype).clone().requires_grad_()
-    weight = torch.nn.Parameter(w_shard.clone())
+    hidden = h_local.to(dtype).to(device).requires_grad_()
+    weight = torch.nn.Parameter(w_shard.clone().to(device))
     if main_grad:  # Megatron-Core DDP's fp32 buffer and flag
-        weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32)
+        weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=device)
         weight.grad_added_to_main_grad = False
         weight.zero_out_wgrad = tied
     loss, stats = chunked_output_layer_dft_cross_entropy(
         hidden,
         weight,
-        target,
+        target.to(device),
         **VARIANTS[variant],
         tp_group=tp_group,
         sequence_parallel=sequence_parallel,
@@ -102,13 +104,13 @@ def check_chunked(
         unpadded_vocab_size=unpadded,
         return_stats=True,
     )
-    objective = (loss.double() * grad_out).sum()
+    objective = (loss.double() * grad_out.to(device)).sum()
     lookup_grad = torch.zeros_like(ref_gw)
     if tied:  # the same weight also embeds tokens (rows of this shard): gradients add up
         ids = torch.arange(0, v, 3)
-        emb = weight[ids]
+        emb = weight[ids.to(device)]
         emb_coef = torch.linspace(-1, 1, emb.numel(), dtype=torch.float64).view(emb.shape)
-        objective = objective + (emb.double() * emb_coef).sum()
+        objective = objective + (emb.double() * emb_coef.to(device)).sum()
         lookup_grad[ids] = emb_coef
     objective.backward()
 
@@ -121,7 +123,7 @@ def check_chunked(
     def close(actual, expected, what, floor=None):
         floor = atol * expected.abs().max().item() if floor is None else floor
         torch.testing.assert_close(
-            actual.double(),
+            actual.double().cpu(),
             expected,
             rtol=rtol,
             atol=max(floor, 1e-7),
@@ -132,7 +134,7 @@ def check_chunked(
     close(stats.target_prob, ref_p, "target p", floor=1e-6 if dtype == torch.float32 else 1e-3)
     close(stats.cross_entropy, ref_ce, "ce", floor=1e-6 if dtype == torch.float32 else 1e-3)
     ignored = target == -100
-    close(stats.entropy[~ignored], ref_h[~ignored], "entropy", floor=1e-5)
+    close(stats.entropy.cpu()[~ignored], ref_h[~ignored], "entropy", floor=1e-5)
     close(hidden.grad, ref_gh_local, "hidden grad")
     if main_grad:
         assert weight.grad_added_to_main_grad
@@ -143,7 +145,8 @@ def check_chunked(
         assert weight.grad.dtype == dtype
         close(weight.grad, ref_gw + lookup_grad, "weight grad")
     if ignore:
-        assert torch.all(loss[ignored] == 0) and torch.all(stats.entropy[ignored] == 0)
+        loss, entropy = loss.cpu(), stats.entropy.cpu()
+        assert torch.all(loss[ignored] == 0) and torch.all(entropy[ignored] == 0)
 
 
 def check_all_ignored(tp_group=None):
@@ -161,7 +164,7 @@ def check_all_ignored(tp_group=None):
 # ---------------------------------------------------------------- TP = 1, in process
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_float64_reference(variant, dtype_name):
     check_chunked(variant, dtype_name, seed=21)

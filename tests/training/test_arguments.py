@@ -150,6 +150,12 @@ BASE += ["--lr", "1e-3"]
         (["--sft-data", "x.jsonl", "--eval-interval", "5"], "--valid-data"),
         (["--mock-data", "--dft-min-prob", "2"], "dft_min_prob"),
         (["--mock-data", "--loss-type", "sft", "--sft-mix", "0.5"], "loss_type='dft'"),
+        (["--mock-data", "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"],
+         "--cross-entropy-fusion-impl te"),
+        (["--mock-data", "--dft-chunked-output-layer", "--dft-output-chunk-tokens", "0"],
+         "--dft-output-chunk-tokens 0"),
+        (["--mock-data", "--dft-chunked-output-layer", "--mtp-num-layers", "1"],
+         "--dft-chunked-output-layer with --mtp-num-layers"),
     ],
 )  # fmt: skip
 def test_refusal(flags, named):
