@@ -416,7 +416,7 @@ def main(argv=None):
         dft_losses = {k: v for k, v in first.items() if k.startswith("engine_dft")}
         notes.append(
             f"TP {tp} first-step DFT loss: "
-            + ", ".join(f"{k} {v:.6f}" for k, v in dft_losses.items())
+            + ", ".join(f"{k} {v:.8g}" for k, v in dft_losses.items())
             + " (same weights and batch: must agree to fp32 rounding)"
         )
         if any(got["skipped"].values()):

@@ -183,25 +183,31 @@ def ratio_rows(tp: int, vocab: int, tokens: int, results: dict, methods: list[st
     return rows
 
 
-def print_rows(rows: list[dict], header: str) -> None:
-    """The README table of `ratio_rows` rows, after the command line, versions and `header`."""
+def markdown_table(rows: list[dict]) -> str:
+    """The README table of `ratio_rows` rows (also of rows read back from --json)."""
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    print(f"\n{command_line()}\n{versions()}; {header}\n")
-    print(
+    lines = [
         "| TP | vocab | method | fwd+bwd ms | / mcore_ce | / mcore_fused_ce | peak MiB "
-        "| memory / mcore_ce |"
-    )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+        "| memory / mcore_ce |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['tp']} | {r['vocab']} | {r['method']} | {r['ms']:.1f} | "
             f"{fmt(r['time_ratio_mcore_ce'], '.3f')} | "
             f"{fmt(r['time_ratio_mcore_fused_ce'], '.3f')} | {r['peak_mib']:.0f} | "
             f"{fmt(r['memory_ratio_mcore_ce'], '.3f')} |"
         )
+    return "\n".join(lines)
+
+
+def print_rows(rows: list[dict], header: str) -> None:
+    """The command line, versions and `header`, then `markdown_table(rows)`."""
+    print(f"\n{command_line()}\n{versions()}; {header}\n")
+    print(markdown_table(rows))
 
 
 def write_rows(path: str | None, rows: list[dict]) -> None:

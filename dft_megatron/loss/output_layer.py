@@ -9,8 +9,9 @@ Algorithm (rows = the tokens whose target is not ignored; the others get no logi
 
     forward   per chunk of rows: logits = x_c W^T -> fused DFT loss forward (loss/fused.py:
               the MAX and the SUM all-reduce) -> keep [chunk]-sized m, S, w; free the logits
-    backward  per chunk: logits = x_c W^T again -> dz = g w (softmax - onehot), in place
-              (fused kernel 3) -> dx_c = dz W, dW += dz^T x_c; free
+    backward  per block of vocabulary columns [v_b] (all rows; as many logits as a chunk):
+              logits = x W_b^T again -> dz = g w (softmax - onehot), in place (fused
+              kernel 3, with the forward's m and S) -> dx += dz W_b, dW_b = dz^T x; free
 
 Backward recomputes the logits (one more [tokens, h] x [h, v/tp] GEMM than the unfused
 path) rather than computing the gradients in forward: forward cannot know the upstream
@@ -52,12 +53,10 @@ from dft_megatron.loss.cross_entropy import IGNORE_INDEX, DFTLossStats, prepare_
 from dft_megatron.loss.fused import finish_forward, forward_partials, logits_grad_, vocab_start
 from dft_megatron.loss.weights import TokenWeighting
 
-DEFAULT_CHUNK_TOKENS = 1024
-"""Rows of logits per chunk: [1024, v/tp] bf16 is 297 MiB / TP at Qwen2.5's 152k vocabulary."""
-
-# The fp32 weight-gradient accumulation adds a product of the GEMM's dtype in blocks of
-# vocabulary rows, so that the product's transient buffer stays small (64 MiB).
-_WGRAD_BLOCK_BYTES = 64 << 20
+DEFAULT_CHUNK_TOKENS = 512
+"""Rows of logits per chunk: [512, v/tp] bf16 is 148 MiB / TP at Qwen2.5's 152k vocabulary
+(docs/LOG.md, 2026-12-01: 1024 held 7x less than the unfused path, 512 12x, at about the
+same time once backward went over vocabulary blocks)."""
 
 
 def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, valid_columns: int) -> torch.Tensor:
@@ -68,15 +67,13 @@ def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, valid_columns: int) -> 
     return logits
 
 
-def _accumulate_wgrad(acc: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor) -> None:
-    """acc [v/tp, h] += grad_logits^T [v/tp, c] @ x [c, h]."""
-    if acc.dtype == grad_logits.dtype:
-        acc.addmm_(grad_logits.t(), x)
-        return
-    rows = max(1, _WGRAD_BLOCK_BYTES // (x.size(-1) * grad_logits.element_size()))
-    for start in range(0, acc.size(0), rows):
-        block = grad_logits[:, start : start + rows].t()
-        acc[start : start + rows].add_(torch.matmul(block, x))
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in fp32 (or fp64): in place where the dtypes agree, else through a
+    product in the GEMM's dtype (rounded once, then added)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.matmul(a, b))
 
 
 class _ChunkedOutputLayerDFT(torch.autograd.Function):
@@ -125,22 +122,30 @@ class _ChunkedOutputLayerDFT(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_stat_grads):
         x_rows, weight, rows, local_target, row_max, sum_exp, w = ctx.saved_tensors
         scale = grad_loss.index_select(0, rows).to(w.dtype) * w
-        grad_rows = torch.empty_like(x_rows)
+        m, shard = x_rows.size(0), weight.size(0)
         wgrad = None
         if ctx.needs_input_grad[1]:
-            main_grad = getattr(weight, "main_grad", None)
-            wgrad = main_grad if main_grad is not None else torch.zeros_like(weight, dtype=w.dtype)
-        for start in range(0, x_rows.size(0), ctx.chunk_tokens):
-            part = slice(start, start + ctx.chunk_tokens)
-            logits = _chunk_logits(x_rows[part], weight, ctx.valid_columns)
-            grad_logits = logits_grad_(
-                logits, row_max[part], sum_exp[part], local_target[part], scale[part]
-            )
-            torch.matmul(grad_logits, weight, out=grad_rows[part])
+            wgrad = getattr(weight, "main_grad", None)
+            if wgrad is None:
+                wgrad = torch.zeros_like(weight, dtype=w.dtype)
+        # Over blocks of vocabulary columns, all rows at once, with the same logits budget as a
+        # forward chunk: each block's weight gradient is then one GEMM, added to the fp32
+        # accumulator once (over token chunks, every chunk would add a weight-sized product).
+        # The hidden-state gradient, [rows, h], accumulates over blocks in fp32.
+        block = max(1, ctx.chunk_tokens * shard // max(m, 1))
+        grad_rows = torch.zeros_like(x_rows, dtype=w.dtype)
+        for start in range(0, shard if m else 0, block):
+            cols = slice(start, start + block)
+            w_block = weight[cols]
+            valid = min(max(ctx.valid_columns - start, 0), w_block.size(0))
+            logits = _chunk_logits(x_rows, w_block, valid)
+            grad_logits = logits_grad_(logits, row_max, sum_exp, local_target - start, scale)
+            _accumulate(grad_rows, grad_logits, w_block)
             if wgrad is not None:
-                _accumulate_wgrad(wgrad, grad_logits, x_rows[part])
+                _accumulate(wgrad[cols], grad_logits.t(), x_rows)
             del logits, grad_logits
-        grad_x = grad_rows.new_zeros(ctx.n, grad_rows.size(-1)).index_copy_(0, rows, grad_rows)
+        grad_x = x_rows.new_zeros(ctx.n, x_rows.size(-1))
+        grad_x.index_copy_(0, rows, grad_rows.to(x_rows.dtype))
         return grad_x, _weight_grad(weight, wgrad), *([None] * 8)
 
 
