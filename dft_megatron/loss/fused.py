@@ -59,29 +59,22 @@ def _row_max(logits: torch.Tensor) -> torch.Tensor:
 
 
 @jit_fuser
-def _partials(logits: torch.Tensor, row_max: torch.Tensor, local_target: torch.Tensor):
-    """[n, v], [n], [n] -> [2, n]: shifted target logit (0 off this shard) and sum of exp."""
-    z = logits.to(row_max.dtype) - row_max.unsqueeze(-1)
-    sum_exp = torch.exp(z).sum(dim=-1)
-    in_shard = (local_target >= 0) & (local_target < logits.size(-1))
-    picked = torch.gather(z, -1, local_target.clamp(0, logits.size(-1) - 1).unsqueeze(-1))
-    target_z = torch.where(in_shard, picked.squeeze(-1), torch.zeros_like(sum_exp))
-    return torch.stack([target_z, sum_exp])
-
-
-@jit_fuser
-def _partials_with_entropy(logits: torch.Tensor, row_max: torch.Tensor, local_target: torch.Tensor):
-    """As `_partials`, plus a third row sum_j exp(z_j - m) (z_j - m), for the entropy."""
+def _partials(
+    logits: torch.Tensor, row_max: torch.Tensor, local_target: torch.Tensor, entropy: bool
+) -> torch.Tensor:
+    """[n, v], [n], [n] -> [2, n]: shifted target logit (0 off this shard) and sum of exp;
+    with `entropy` a third row sum_j exp(z_j - m) (z_j - m) (one kernel per value)."""
     z = logits.to(row_max.dtype) - row_max.unsqueeze(-1)
     e = torch.exp(z)
     sum_exp = e.sum(dim=-1)
-    # exp(z) underflows to 0 far below the max, where z is finite: 0 * z = 0, no NaN (padded
-    # columns hold the dtype's finite minimum, not -inf).
-    sum_ez = (e * z).sum(dim=-1)
     in_shard = (local_target >= 0) & (local_target < logits.size(-1))
     picked = torch.gather(z, -1, local_target.clamp(0, logits.size(-1) - 1).unsqueeze(-1))
     target_z = torch.where(in_shard, picked.squeeze(-1), torch.zeros_like(sum_exp))
-    return torch.stack([target_z, sum_exp, sum_ez])
+    if not entropy:
+        return torch.stack([target_z, sum_exp])
+    # exp(z) underflows to 0 far below the max, where z is finite: 0 * z = 0, no NaN (padded
+    # columns hold the dtype's finite minimum, not -inf).
+    return torch.stack([target_z, sum_exp, (e * z).sum(dim=-1)])
 
 
 @jit_fuser
@@ -141,8 +134,7 @@ def forward_partials(
     """
     row_max = _row_max(logits)
     _all_reduce(row_max, dist.ReduceOp.MAX, tp_group)
-    kernel = _partials_with_entropy if entropy else _partials
-    sums = kernel(logits, row_max, local_target)
+    sums = _partials(logits, row_max, local_target, entropy)
     _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
     return Partials(row_max, sums)
 
