@@ -149,6 +149,13 @@ def add_dft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         renamed={"num_workers": "preprocess-workers"},
     )
     g.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume from a checkpoint although an --sft-data / --valid-data file changed since "
+        "it was saved (by default refused, naming the file: the sample order it continues "
+        "would be another one)",
+    )
+    g.add_argument(
         "--train-epochs",
         type=float,
         default=None,
@@ -490,6 +497,11 @@ def parse_megatron_args(
     problems = refusals(args, training)
     if problems:
         fail(problems)
+    from dft_megatron.training.safeguards import architecture_problems, checkpoint_problems
+
+    problems = checkpoint_problems(args)  # before Megatron-LM reads any of it
+    if problems:
+        fail(problems)
     if args.use_checkpoint_args:
         from megatron.training.checkpointing import load_args_from_checkpoint
 
@@ -521,7 +533,10 @@ def parse_megatron_args(
         validate_args(args, {})
     except AssertionError as e:
         fail([f"Megatron-LM's argument check failed: {_assertion(e)}"])
-    set_global_variables(args)
+    set_global_variables(args)  # builds the tokenizer: --padded-vocab-size is known from here
+    problems = architecture_problems(args)
+    if problems:
+        fail(problems)
     return args
 
 

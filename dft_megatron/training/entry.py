@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dft_megatron.checkpoint.integrity import CheckpointError
 from dft_megatron.checkpoint.paths import TOKENIZER_DIR, copy_tokenizer_files
 from dft_megatron.data.sources import DataError
 from dft_megatron.utils.logging import setup_logging
@@ -79,11 +80,15 @@ def run(argv: list[str] | None = None) -> None:
     from dft_megatron.compat import install_distributed_optimizer_fixes
 
     install_distributed_optimizer_fixes()
+    from dft_megatron.training.safeguards import install_checkpoint_guards, preflight
+
+    install_checkpoint_guards()
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
+    from dft_megatron.data.config import split_paths
     from dft_megatron.data.provider import DatasetsProvider
     from dft_megatron.data.sft import load_tokenizer
     from dft_megatron.models.provider import model_provider
@@ -94,6 +99,8 @@ def run(argv: list[str] | None = None) -> None:
     args = parse_megatron_args(argv)
     _init_process_group(args)
     cfg = data_config(args)
+    # The --save lock, the shards' hashes, the data against the checkpoint's record.
+    preflight(args, split_paths(cfg.sft_data) + split_paths(cfg.valid_data))
     hf_tokenizer = None
     if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model:
         hf_tokenizer = load_tokenizer(args.tokenizer_model, args.chat_template)
@@ -131,14 +138,59 @@ def run(argv: list[str] | None = None) -> None:
     )
 
 
+def _explain_exit(code) -> None:
+    """One line on rank 0 for Megatron-LM's rerun state machine's exits (a NaN or Inf loss
+    reproduced on rerun): what stopped the run, the likely cause, what to do."""
+    from megatron.core.rerun_state_machine import (
+        EXIT_CODE_FAILED_ON_RESULT_VALIDATION,
+        EXIT_CODE_RESUME_TO_DISAMBIGUATE,
+    )
+
+    if code not in (EXIT_CODE_RESUME_TO_DISAMBIGUATE, EXIT_CODE_FAILED_ON_RESULT_VALIDATION):
+        return
+    if not dist.is_initialized() or dist.get_rank() != 0:
+        return
+    from megatron.training import get_args
+
+    from dft_megatron.training.metrics import last_logged
+
+    args = get_args()
+    last = last_logged()
+    where = f"iteration {args.curr_iteration + 1}" if hasattr(args, "curr_iteration") else "a step"
+    hint = ""
+    if last is not None:
+        hint = (
+            f" (at iteration {last['iteration']}: lr {last['lr']:.3g}, "
+            f"grad norm {last['grad_norm']:.3g})"
+        )
+    saved = (
+        f"Megatron-LM saved the state before it to {args.save}; a relaunch resumes there and "
+        "reruns the step"
+        if code == EXIT_CODE_RESUME_TO_DISAMBIGUATE and args.save
+        else "no checkpoint was saved for it"
+    )
+    print(  # noqa: T201
+        f"error: {where}: the loss was NaN or Inf and a rerun of the step gave the same, so it is "
+        f"not a transient device fault; likely causes: the learning rate diverged the weights"
+        f"{hint}, or a bad sample (consumed samples {args.consumed_train_samples}); {saved} "
+        f"(exit code {code}); lower --lr or raise the warm-up, or skip the batch with "
+        "--iterations-to-skip",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         run(argv)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, CheckpointError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)  # noqa: T201
+            for line in str(e).splitlines():
+                print(f"error: {line}", file=sys.stderr)  # noqa: T201
         return 2
+    except SystemExit as e:
+        _explain_exit(e.code)
+        raise
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

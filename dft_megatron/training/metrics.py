@@ -102,6 +102,14 @@ class MetricSums:
         return self.values[5 + len(REGIME_NAMES) :].tolist()
 
 
+_last_logged: dict | None = None
+
+
+def last_logged() -> dict | None:
+    """{iteration, lr, grad_norm} of the last finished training iteration (for diagnoses)."""
+    return _last_logged
+
+
 class DFTMetrics:
     """Per-iteration sums of the training micro-batches and per-evaluation sums of the
     validation ones, and where they are written (global rank world - 1, Megatron-LM's
@@ -139,6 +147,12 @@ class DFTMetrics:
         """After iteration `iteration` (every rank): reduce and write on logged iterations."""
         if self.start is None:  # timed from the end of the first iteration (set-up excluded)
             self.start = (time.monotonic(), iteration)
+        global _last_logged
+        _last_logged = {
+            "iteration": iteration,
+            "lr": math.nan if lr is None else float(lr),
+            "grad_norm": math.nan if grad_norm is None else float(grad_norm),
+        }
         sums, self.train = self.train, MetricSums()
         if not log:
             return

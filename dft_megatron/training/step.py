@@ -39,6 +39,38 @@ def get_batch(data_iterator, device: torch.device) -> Batch:
     return batch
 
 
+SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's: 10x the largest loss seen so far
+
+
+def _validate_loss(loss_sum: torch.Tensor, check_nan: bool) -> None:
+    """pretrain_gpt.py's checks through Megatron-LM's rerun state machine, before the DP
+    all-reduce: NaN and Inf (--check-for-nan-in-loss-and-grad, on by default; fatal: rerun,
+    then save and exit) and --check-for-spiky-loss (logged, not fatal)."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+    from megatron.training import get_args
+
+    machine = get_rerun_state_machine()
+    if check_nan:
+        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            machine.validate_result(
+                result=loss_sum,
+                rejection_func=reject,
+                message=f"found {what} in local forward loss calculation",
+                tolerance=0.0,  # the forward pass is deterministic
+                fatal=True,
+            )
+    if getattr(get_args(), "check_for_spiky_loss", False):
+        machine.validate_result(
+            result=loss_sum,
+            rejection_func=partial(
+                machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR, context="loss"
+            ),
+            message="Spiky loss",
+            tolerance=0.0,
+            fatal=False,
+        )
+
+
 def loss_func(batch: Batch, model, metrics: DFTMetrics | None, check_nan: bool, output_tensor):
     """Micro-batch loss sum, token count and report (see the module docstring)."""
     mask = batch.loss_mask.float()
@@ -47,16 +79,7 @@ def loss_func(batch: Batch, model, metrics: DFTMetrics | None, check_nan: bool, 
         loss = loss * batch.loss_weight
     loss_sum = (loss * mask).sum()
     num_tokens = mask.sum().to(torch.int)
-    if check_nan:
-        from megatron.core.rerun_state_machine import get_rerun_state_machine
-
-        get_rerun_state_machine().validate_result(
-            result=loss_sum,
-            rejection_func=torch.isnan,
-            message="found NaN in local forward loss calculation",
-            tolerance=0.0,
-            fatal=True,
-        )
+    _validate_loss(loss_sum, check_nan)
     stats = unwrap_model(model).last_loss_stats
     m = mask.bool()
     count = num_tokens.float().view(1)

@@ -172,3 +172,16 @@ def test_worker_processes_give_the_same_samples(tmp_path, tokenizer):
     )
     assert stats.outcomes["ok"] == 600
     assert one["input_ids"] == two["input_ids"] and one["target_mask"] == two["target_mask"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "-Infinity"])
+def test_non_finite_sample_weight_names_the_row(tmp_path, tokenizer, bad):
+    """A NaN or infinite weight would turn the whole batch's loss (and every weight after the
+    step) non-finite: refused at preparation with the row's file:line, before any training."""
+    rows = [{"problem": f"{i} + 1?", "solution": f"{i + 1}", "score": 1.0} for i in range(5)]
+    rows[2]["score"] = bad
+    f = tmp_path / "w.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))  # NaN / Infinity as JSON allows
+    cfg = _cfg(tmp_path, [f], sample_weight_key="score")
+    with pytest.raises(DataError, match=rf"{f}:3: 'score' = .* is not (finite|a number)"):
+        prepare_sft_rows([str(f)], cfg, tokenizer, 128)
