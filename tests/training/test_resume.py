@@ -121,3 +121,33 @@ def test_exit_duration_saves_and_relaunch_continues(tmp_path):
     # two iterations on.
     relaunch = train(tmp_path, "relaunch", 1, [*endless, "--exit-interval", str(saved + 2)])
     assert [r["iteration"] for r in relaunch.train] == [saved + 1, saved + 2]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(straight, tmp_path, mode):
+    """Rank 1 is killed (SIGKILL) as it opens its shard of the iteration-4 checkpoint
+    (tests/faults/sitecustomize.py): the tracker still names iteration 2, the half-written
+    iter_0000004 is not taken for a checkpoint, and the relaunch continues from 2 to the
+    straight run's losses, saving iteration 4 anew over the incomplete one."""
+    from dft_megatron.checkpoint.integrity import is_complete
+    from tests.launch import ROOT
+
+    ckpt = tmp_path / "ckpt"
+    flags = [*MODEL, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "2"]
+    if mode == "async":
+        flags.append("--async-save")
+    fault = {
+        "PYTHONPATH": f"{ROOT / 'tests' / 'faults'}:{ROOT}",
+        "DFT_TEST_KILL_ON_WRITE": r"iter_0000004/__1_\d+\.distcp",
+        "DFT_TEST_KILL_RANK": "1",
+    }
+    killed = train(tmp_path, "killed", 2, flags, expect_ok=False, env=fault)
+    assert killed.returncode != 0
+    assert "[fault] kill -9 of rank 1" in killed.output, killed.tail()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (ckpt / "iter_0000004").is_dir() and not is_complete(ckpt / "iter_0000004")
+    relaunch = train(tmp_path, "relaunch", 2, flags)
+    assert relaunch.train[0]["iteration"] == 3
+    _continues(straight, killed, relaunch)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    assert is_complete(ckpt / "iter_0000004")
