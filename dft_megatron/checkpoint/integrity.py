@@ -50,17 +50,26 @@ class CheckpointError(Exception):
         self.problems = problems
 
 
-def _checkpoint_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("iter_*") if re.fullmatch(r"iter_\d{7}", p.name))
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The iteration folders in `root` that hold a whole checkpoint, oldest first."""
+    folders = sorted(p for p in root.glob("iter_*") if re.fullmatch(r"iter_\d{7}", p.name))
+    return [p for p in folders if is_complete(p)]
+
+
+def iterations(folders: list[Path]) -> str:
+    """ "2, 4" for SAVE/iter_0000002 and SAVE/iter_0000004."""
+    return ", ".join(str(int(p.name.removeprefix("iter_"))) for p in folders)
 
 
 def _others(root: Path, but: Path | None) -> str:
     """The complete checkpoints in `root` besides `but`, as a hint for --ckpt-step."""
-    complete = [p for p in _checkpoint_folders(root) if p != but and is_complete(p)]
+    complete = [p for p in complete_checkpoints(root) if p != but]
     if not complete:
         return "no other complete checkpoint is in the folder"
-    steps = ", ".join(str(int(p.name.removeprefix("iter_"))) for p in complete[-3:])
-    return f"complete checkpoints there: iterations {steps} (load one with --ckpt-step N)"
+    return (
+        f"complete checkpoints there: iterations {iterations(complete[-3:])} (load one with "
+        "--ckpt-step N)"
+    )
 
 
 def load_target(load: str | Path | None, ckpt_step: int | None = None) -> LoadTarget | None:
@@ -188,4 +197,4 @@ def orphan_checkpoints(save: str | Path | None) -> list[Path]:
     would begin from random weights and overwrite them when it reaches their iteration."""
     if not save or not Path(save).is_dir() or (Path(save) / TRACKER).exists():
         return []
-    return [p for p in _checkpoint_folders(Path(save)) if is_complete(p)]
+    return complete_checkpoints(Path(save))

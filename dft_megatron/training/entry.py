@@ -30,6 +30,7 @@ import torch.distributed as dist
 from dft_megatron.checkpoint.integrity import CheckpointError
 from dft_megatron.checkpoint.paths import TOKENIZER_DIR, copy_tokenizer_files
 from dft_megatron.data.sources import DataError
+from dft_megatron.training.safeguards import GuardExit
 from dft_megatron.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr)  # noqa: T201
         return 2
+    except GuardExit:
+        raise  # logged where it stopped
     except SystemExit as e:
         _explain_exit(e.code)
         raise

@@ -156,7 +156,7 @@ class DFTMetrics:
         sums, self.train = self.train, MetricSums()
         if not log:
             return
-        device = _device()
+        device = collective_device()
         sums.all_reduce(device)
         if not self.is_logging_rank():
             return
@@ -192,7 +192,7 @@ class DFTMetrics:
 
     def log_valid(self, iteration: int, full_pass: bool) -> None:
         sums, self.valid = self.valid, MetricSums()
-        sums.all_reduce(_device())
+        sums.all_reduce(collective_device())
         if not self.is_logging_rank():
             return
         record = {"iteration": iteration, "split": "valid", "full_pass": full_pass}
@@ -202,7 +202,9 @@ class DFTMetrics:
         _histogram("valid/target_prob", sums, iteration)
 
 
-def _device() -> torch.device:
+def collective_device() -> torch.device:
+    """Where this process's tensors for a collective live: CPU under the CPU bridge or
+    without CUDA, else the current CUDA device."""
     from dft_megatron.compat import cpu_bridge_active
 
     if cpu_bridge_active() or not torch.cuda.is_available():

@@ -53,6 +53,7 @@ from dft_megatron.checkpoint.integrity import (
     LoadTarget,
     hash_problems,
     integrity_manifest,
+    iterations,
     load_target,
     orphan_checkpoints,
     structure_problems,
@@ -60,11 +61,17 @@ from dft_megatron.checkpoint.integrity import (
 from dft_megatron.checkpoint.lock import SaveFolderInUseError, SaveLock
 from dft_megatron.checkpoint.paths import TRACKER
 from dft_megatron.data.fingerprint import data_changes, data_fingerprint
+from dft_megatron.training.metrics import collective_device
 
 logger = logging.getLogger(__name__)
 
 EXIT_NON_FINITE_WEIGHTS = 17  # Megatron-LM's EXIT_CODE_FAILED_ON_RESULT_VALIDATION
 EXIT_DISK_FULL = 28  # errno ENOSPC
+
+
+class GuardExit(SystemExit):
+    """A stop by the save guards below, its reason already logged (not the rerun state
+    machine's exit, whose code 17 the NaN-weights stop shares)."""
 
 
 # ------------------------------------------------------------------ before loading
@@ -80,9 +87,9 @@ def checkpoint_problems(args: argparse.Namespace) -> list[str]:
         orphans = orphan_checkpoints(args.save)
         if not orphans:
             return []
-        steps = ", ".join(str(int(p.name.removeprefix("iter_"))) for p in orphans)
         return [
-            f"--save {args.save} holds complete checkpoints (iterations {steps}) but no "
+            f"--save {args.save} holds complete checkpoints (iterations {iterations(orphans)}) "
+            "but no "
             f"{TRACKER}: this run would start from random weights and overwrite them; to resume "
             f"one, --load {args.save} --ckpt-step N; to start over, give another --save"
         ]
@@ -169,15 +176,18 @@ def preflight(args: argparse.Namespace, sft_paths: list[str]) -> SaveLock | None
     problems: list[str] = []
     target = load_target(args.load, getattr(args, "ckpt_step", None))  # checked while parsing
     manifest = integrity_manifest(target.folder) if target is not None else None
-    if manifest is not None:
-        problems += hash_problems(target.folder, sorted(manifest)[rank::world])
+    if manifest is not None:  # the small index files were hashed while parsing
+        shards = sorted(set(manifest) - {INDEX_FILE, FORMAT_FILE})
+        problems += hash_problems(target.folder, shards[rank::world])
     elif target is not None and rank == 0:
         logger.info(
             "%s has no integrity.json (saved without --verify-integrity): its files' sizes are "
             "checked, not their contents",
             target.folder,
         )
-    fingerprint = data_fingerprint(sft_paths) if sft_paths and rank == 0 else None
+    # Needed to record (a run that saves) or to compare (a resume).
+    wanted = sft_paths and (args.save or _resumes(args, target))
+    fingerprint = data_fingerprint(sft_paths) if wanted and rank == 0 else None
     fingerprint = _broadcast(fingerprint) if world > 1 else fingerprint
     args.dft_data_fingerprint = fingerprint
     if rank == 0 and fingerprint is not None and _resumes(args, target):
@@ -249,12 +259,6 @@ class _AtomicTracker:
         return self._inner.open(path, mode, *a, **kw)
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def non_finite_parameters(model: list[torch.nn.Module]) -> list[str]:
     """Names of this rank's parameters holding NaN or Inf."""
     return [
@@ -312,7 +316,7 @@ def _guard_save(original):
                 )
             return None
         bad = non_finite_parameters(model)
-        flag = torch.tensor([float(bool(bad))], device=_device())
+        flag = torch.tensor([float(bool(bad))], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             if bad:
@@ -327,7 +331,7 @@ def _guard_save(original):
                     args.save,
                     _last_checkpoint(args.save),
                 )
-            raise SystemExit(EXIT_NON_FINITE_WEIGHTS)
+            raise GuardExit(EXIT_NON_FINITE_WEIGHTS)
         try:
             return original(iteration, model, *a, **kw)
         except (KeyboardInterrupt, SystemExit):
@@ -346,7 +350,7 @@ def _guard_save(original):
                 _last_checkpoint(args.save),
                 iteration,
             )
-            raise SystemExit(EXIT_DISK_FULL) from e
+            raise GuardExit(EXIT_DISK_FULL) from e
 
     save_checkpoint.__dft_megatron__ = True
     return save_checkpoint

@@ -215,6 +215,7 @@ def test_nan_weights_are_never_saved(tmp_path):
     run = train(tmp_path, "unchecked", 1, flags, expect_ok=False)
     assert run.returncode != 0
     assert "not saving a model with NaN or Inf weights" in run.output, run.tail()
+    assert not any("the loss was NaN or Inf" in x for x in errors(run))  # not a rerun's stop
     saved = int(tracker(ckpt))
     assert saved >= 1 and all_finite(ckpt / f"iter_{saved:07d}")
     refused = ckpt / f"iter_{saved + 1:07d}"
