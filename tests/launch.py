@@ -119,6 +119,14 @@ def train(
     return run
 
 
+def rank_processes(proc: subprocess.Popen) -> list:
+    """The `dft_megatron.train` processes a torchrun started (psutil.Process objects)."""
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in children if "dft_megatron.train" in " ".join(p.cmdline())]
+
+
 def errors(run: Run) -> list[str]:
     """The one-line `error: ...` messages of a refused run (rank 0's, in order)."""
     return [

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launch import errors, start, train
+from tests.launch import errors, rank_processes, start, train
 
 MODEL = [
     "--num-layers", "2",
@@ -280,7 +280,9 @@ def test_second_writer_is_refused_and_a_killed_ones_lock_is_not(tmp_path):
             time.sleep(0.2)
         second = train(tmp_path, "second", 1, [*flags, "--train-iters", "2"], expect_ok=False)
         (line,) = errors(second)
-        assert "is in use by another run" in line and f"pid {_rank_pid(first)}" in line, line
+        assert (
+            "is in use by another run" in line and f"pid {rank_processes(first)[0].pid}" in line
+        ), line
         assert not second.train
     finally:  # kill -9 of the whole job (torchrun starts its ranks in their own sessions)
         for p in psutil.Process(first.pid).children(recursive=True):
@@ -290,15 +292,6 @@ def test_second_writer_is_refused_and_a_killed_ones_lock_is_not(tmp_path):
     assert (ckpt / ".dft_megatron.lock").is_file()
     third = train(tmp_path, "third", 1, [*flags, "--train-iters", "2"])
     assert [r["iteration"] for r in third.train] == [1, 2]
-
-
-def _rank_pid(proc: subprocess.Popen) -> int:
-    (rank,) = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "dft_megatron.train" in " ".join(p.cmdline())
-    ]
-    return rank.pid
 
 
 @pytest.fixture

@@ -17,10 +17,9 @@ from __future__ import annotations
 import signal
 import time
 
-import psutil
 import pytest
 
-from tests.launch import start, train, wait
+from tests.launch import rank_processes, start, train, wait
 
 MODEL = [
     "--num-layers", "2",
@@ -75,11 +74,6 @@ def test_empty_load_starts_fresh_then_resumes(straight, tmp_path):
     _continues(straight, first, second)
 
 
-def _rank_processes(proc) -> list[psutil.Process]:
-    children = psutil.Process(proc.pid).children(recursive=True)
-    return [p for p in children if "dft_megatron.train" in " ".join(p.cmdline())]
-
-
 def test_sigterm_saves_and_relaunch_continues(straight, tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = [*MODEL, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000"]
@@ -91,7 +85,7 @@ def test_sigterm_saves_and_relaunch_continues(straight, tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
-    ranks = _rank_processes(proc)
+    ranks = rank_processes(proc)
     assert len(ranks) == 2
     ranks[0].send_signal(signal.SIGTERM)
     signalled = wait(proc, metrics, log, 240)
