@@ -134,6 +134,17 @@ _FACTORIES = (
 )
 
 
+class _StreamOnCpu(torch.cpu.Stream):
+    """torch.cpu's no-op stream whose `record_event` returns an event, as a CUDA stream's does
+    (the MoE alltoall dispatcher records one on its copy stream and synchronizes it later)."""
+
+    def record_event(self, event=None) -> torch.cpu.Event:
+        return event if event is not None else torch.cpu.Event()
+
+
+_CURRENT_STREAM = _StreamOnCpu()
+
+
 class _CudaOnCpu(types.ModuleType):
     """Stands in for ``torch.cuda`` inside the bridged Megatron-Core modules.
 
@@ -160,11 +171,11 @@ class _CudaOnCpu(types.ModuleType):
     # grad-sync code asks for torch.cuda.current_stream() to wait on CUDA-graph events).
     @staticmethod
     def current_stream(device=None) -> torch.cpu.Stream:
-        return torch.cpu.current_stream()
+        return _CURRENT_STREAM
 
     @staticmethod
     def Stream(device=None, priority: int = 0, **kwargs) -> torch.cpu.Stream:  # noqa: N802
-        return torch.cpu.Stream()
+        return _StreamOnCpu()
 
     @staticmethod
     def Event(*args, **kwargs) -> torch.cpu.Event:  # noqa: N802
@@ -245,6 +256,12 @@ _VIEW_MODULES = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "current_device (RoPE)",
     "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "current_device",
     "megatron.core.rerun_state_machine": "device='cuda' (all-reduced flags)",
+    # MoE: the router's expert-bias / token-count buffers on current_device(); the alltoall
+    # dispatcher's device-to-host copy stream (torch.cuda.Stream, class attribute).
+    "megatron.core.transformer.moe.router": "current_device",
+    "megatron.core.transformer.moe.token_dispatcher": "torch.cuda.Stream, current_stream",
+    "megatron.core.transformer.moe.moe_layer": "torch.cuda.Event/Stream",
+    "megatron.core.transformer.moe.moe_utils": "current_stream",
     "megatron.core.timers": "synchronize, current_device",
     "megatron.core.utils": "current_device, device='cuda'",
     # dist_checkpointing: validation flags on 'cuda', synchronize before/after writes, fully
@@ -413,6 +430,65 @@ def _bridge_rng() -> str:
     return "tensor_parallel.random: RNG tracker on the CPU generator"
 
 
+def _bridge_moe_host_copies() -> str:
+    """moe_utils.maybe_move_tensor_to_cpu: the alltoall dispatcher copies its split sizes to the
+    host `as_numpy` (all_to_all_single takes a sequence of ints, not a tensor), but only a CUDA
+    tensor is copied and converted; a CPU one came back a tensor and all_to_all_single refused
+    it. On CPU the same conversion is done without the copy."""
+    from megatron.core.transformer.moe import moe_utils
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    _rebind(moe_utils, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
+    return "moe_utils.maybe_move_tensor_to_cpu: CPU split sizes as numpy (alltoall dispatcher)"
+
+
+def _bridge_uneven_gathers() -> str:
+    """tensor_parallel/mappings.py: the MoE allgather dispatcher (and the alltoall one under TP
+    with sequence parallelism) gathers and reduce-scatters token blocks of different sizes
+    per rank through `torch.distributed.all_gather` / `reduce_scatter` with tensor lists, which
+    gloo refuses ("invalid tensor size"). On CPU the uneven case is done with collectives gloo
+    has: the gather pads every block to the largest, all-gathers and drops the padding; the
+    reduce-scatter all-reduces the whole input and keeps this rank's block. Same values (the
+    sum of the same addends), more traffic, CPU only. The even case is Megatron-Core's own."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = (
+        mappings._gather_along_first_dim,
+        mappings._reduce_scatter_along_first_dim,
+    )
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        rows = max(sizes)
+        padded = input_.new_zeros((rows, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((rows * group.size(), *input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[i * rows : i * rows + n] for i, n in enumerate(sizes)])
+
+    def _reduce_scatter_along_first_dim(
+        input_, group, input_split_sizes=None, use_global_buffer=False
+    ):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(int(n) for n in input_split_sizes[: group.rank()])
+        return total[start : start + int(input_split_sizes[group.rank()])].clone()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+    return "tensor_parallel.mappings: uneven all-gather / reduce-scatter with gloo's collectives"
+
+
 def _bridge_torch_norm_sequence_parallel() -> str:
     """Sequence parallelism with the local spec's torch norms (no apex on CPU).
 
@@ -521,6 +597,8 @@ def install_cpu_bridge(force: bool = False) -> bool:
             _bridge_tensor_methods(),
             _distributed_optimizer_fixes(),
             _bridge_torch_norm_sequence_parallel(),
+            _bridge_moe_host_copies(),
+            _bridge_uneven_gathers(),
         ]
         _active = True
     logger.info("Megatron-Core CPU bridge installed: %d patch groups (DEBUG: details)", len(pieces))
