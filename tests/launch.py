@@ -10,6 +10,7 @@ process group and fails the test with the end of its output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,12 +89,29 @@ def start(
     return proc, Path(flags[flags.index("--log-metrics-jsonl") + 1]), log
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`, its process group and every descendant. torchrun starts each rank in a
+    session of its own, so killing torchrun's group alone leaves the ranks running (parented
+    to init, holding the cores for the rest of the suite)."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
+
+
 def wait(proc: subprocess.Popen, metrics: Path, log: Path, timeout: float) -> Run:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
         raise AssertionError(
             f"run timed out after {timeout} s:\n{log.read_text()[-6000:]}"
         ) from None
