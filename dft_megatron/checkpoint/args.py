@@ -4,8 +4,8 @@
 checkpoint stores as its args, and what a user would pass to build it from scratch);
 `model_config_from_args(args)` reads an args Namespace (a checkpoint's, or a parsed command
 line) back into the ModelConfig that conversion maps to Hugging Face. The family (gpt, llama,
-qwen2, mistral) travels as dft_megatron's `--model-family`; a checkpoint of plain Megatron-LM
-has none and gets the family its layout implies.
+qwen2, mistral, qwen3, qwen3_moe, mixtral) travels as dft_megatron's `--model-family`; a
+checkpoint of plain Megatron-LM has none and gets the family its layout implies.
 """
 
 from __future__ import annotations
@@ -50,6 +50,20 @@ def model_flags(model: ModelConfig) -> list[str]:
         flags.append("--add-qkv-bias")
     if model.untie_embeddings_and_output_weights:
         flags.append("--untie-embeddings-and-output-weights")
+    if model.qk_layernorm:
+        flags.append("--qk-layernorm")
+    if model.num_experts:
+        freq = model.moe_layer_freq
+        # Megatron-LM reads a per-layer pattern as a Python list expression.
+        pattern = "[" + ",".join(map(str, freq)) + "]" if isinstance(freq, list) else freq
+        flags += [
+            f"--num-experts={model.num_experts}",
+            f"--moe-router-topk={model.moe_router_topk}",
+            f"--moe-ffn-hidden-size={model.moe_ffn_hidden_size}",
+            f"--moe-layer-freq={pattern}",
+        ]
+        if model.moe_router_pre_softmax:
+            flags.append("--moe-router-pre-softmax")
     return flags
 
 
@@ -59,6 +73,10 @@ def _family(args: argparse.Namespace) -> str:
         return family
     if args.position_embedding_type != "rope":
         return "gpt"
+    if getattr(args, "num_experts", None):
+        return "qwen3_moe" if args.qk_layernorm else "mixtral"
+    if args.qk_layernorm:
+        return "qwen3"
     return "qwen2" if args.add_qkv_bias else "llama"
 
 
@@ -86,6 +104,12 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
         add_bias_linear=bool(args.add_bias_linear),
         add_qkv_bias=bool(args.add_qkv_bias),
         untie_embeddings_and_output_weights=bool(args.untie_embeddings_and_output_weights),
+        qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        num_experts=getattr(args, "num_experts", None) or None,
+        moe_router_topk=getattr(args, "moe_router_topk", 2),
+        moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None),
+        moe_layer_freq=getattr(args, "moe_layer_freq", 1),
+        moe_router_pre_softmax=bool(getattr(args, "moe_router_pre_softmax", False)),
         vocab_size=vocab,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         padded_vocab_size=args.padded_vocab_size,

@@ -1,10 +1,12 @@
-"""Hugging Face <-> Megatron-Core: configs, tensor names and shapes of the llama, mistral and
-qwen2 families.
+"""Hugging Face <-> Megatron-Core: configs, tensor names and shapes of the llama, mistral,
+qwen2, qwen3, qwen3_moe and mixtral families.
 
-Config: `hf_to_model_config` reads transformers' LlamaConfig / MistralConfig / Qwen2Config
-into a `ModelConfig` and `model_config_to_hf` writes one back. What the mapping cannot
-express exactly (a sliding window, a RoPE scaling other than Llama-3's, biases the family
-does not have, another activation) is refused with the reason: never converted approximately.
+Config: `hf_to_model_config` reads transformers' LlamaConfig / MistralConfig / Qwen2Config /
+Qwen3Config / Qwen3MoeConfig / MixtralConfig into a `ModelConfig` and `model_config_to_hf`
+writes one back. What the mapping cannot express exactly (a sliding window, a RoPE scaling
+other than Llama-3's, biases the family does not have, another activation, router jitter,
+routing Megatron-Core does another way) is refused with the reason: never converted
+approximately.
 
 Tensors: every Hugging Face tensor is one block of one Megatron-Core parameter of the model
 built at TP1 x PP1 with the local layer spec (`dist_checkpointing` reshards it to any
@@ -25,6 +27,15 @@ ng: query groups, r = nh / ng, h: hidden, f: ffn hidden, V: vocabulary, Vp: padd
     ...mlp.down_proj.weight [h, f]            ...mlp.linear_fc2.weight
     model.norm.weight                         decoder.final_layernorm.weight
     lm_head.weight [V, h] (untied)            output_layer.weight [Vp, h], rows :V
+  qwen3, qwen3_moe (qk_layernorm; Megatron-Core normalizes each head before RoPE, as HF):
+    ...self_attn.q_norm.weight [d]            ...self_attention.q_layernorm.weight
+    ...self_attn.k_norm.weight [d]            ...self_attention.k_layernorm.weight
+  MoE layers (E experts of width fm; HF's prefix `mlp.` in qwen3_moe, `block_sparse_moe.`
+  in mixtral, whose expert weights are w1 = gate, w3 = up, w2 = down):
+    ...mlp.gate.weight [E, h]                 ...mlp.router.weight
+    ...mlp.experts.j.gate_proj.weight [fm, h] ...mlp.experts.local_experts.j.linear_fc1.weight
+    ...mlp.experts.j.up_proj.weight [fm, h]     [2fm, h]: rows :fm gate, fm: up
+    ...mlp.experts.j.down_proj.weight [h, fm] ...mlp.experts.local_experts.j.linear_fc2.weight
 
 Query heads: Hugging Face's `repeat_kv` serves query head j with key/value head j // r, so
 HF rows [g*r*d, (g+1)*r*d) of q_proj are group g's query heads, as Megatron-Core's
@@ -32,6 +43,15 @@ HF rows [g*r*d, (g+1)*r*d) of q_proj are group g's query heads, as Megatron-Core
 both rotate the two halves of each head (`rotate_half`; Megatron-Core's default, not the
 interleaved layout of Meta's original checkpoints), so no row permutation is needed.
 Padded vocabulary rows are zero on import and dropped on export.
+
+Experts: the names are those of Megatron-Core's SequentialMLP at EP1 (the model conversion
+builds); the checkpoint stores every expert's tensors under one sharded key with an expert
+axis (`mlp.experts.linear_fc1.weight`), which any --expert-model-parallel-size and
+--expert-tensor-parallel-size reads, and which TEGroupedMLP (--moe-grouped-gemm) reads as well:
+Megatron-Core keeps the two modules' checkpoint keys interchangeable. Routing: HF takes the top
+k of the softmax over all experts and (norm_topk_prob, always in Mixtral) renormalizes them,
+which is Megatron-Core's softmax over the top-k logits; without renormalization it is
+--moe-router-pre-softmax.
 """
 
 from __future__ import annotations
@@ -49,6 +69,18 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+}
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+# The MoE block's module name in each family's HF checkpoints, and its experts' tensor names
+# for (gate, up, down).
+MOE_PREFIX = {"qwen3_moe": "mlp.", "mixtral": "block_sparse_moe."}
+EXPERT_NAMES = {
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("w1", "w3", "w2"),
 }
 HF_FAMILIES = {family: arch for arch, family in ARCHITECTURES.items()}
 
@@ -152,6 +184,7 @@ def hf_to_model_config(
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     max_pos = hf.max_position_embeddings
+    moe = _moe_config(hf, family, refuse) if family in MOE_FAMILIES else {}
     model = ModelConfig(
         family=family,
         num_layers=hf.num_hidden_layers,
@@ -172,6 +205,8 @@ def hf_to_model_config(
         add_bias_linear=False,
         add_qkv_bias=family == "qwen2",
         untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
+        qk_layernorm=family in QK_NORM_FAMILIES,
+        **moe,
         vocab_size=hf.vocab_size,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         init_method_std=getattr(hf, "initializer_range", 0.02),
@@ -184,9 +219,70 @@ def hf_to_model_config(
     return model
 
 
+def _moe_config(hf, family: str, refuse: Callable[[str], None]) -> dict:
+    """The ModelConfig MoE fields of a Qwen3-MoE or Mixtral config."""
+    experts = getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", None)
+    if not experts:
+        refuse(f"num_experts {experts}: a {family} model without experts is not an MoE model")
+    if getattr(hf, "router_jitter_noise", 0.0):
+        refuse(
+            f"router_jitter_noise {hf.router_jitter_noise}: not part of the model; train with "
+            "Megatron-LM's --moe-input-jitter-eps instead (a config without it converts)"
+        )
+    if getattr(hf, "shared_expert_intermediate_size", 0):
+        refuse("shared experts: the qwen3_moe and mixtral mappings have none")
+    layers = hf.num_hidden_layers
+    if family == "qwen3_moe":
+        dense = set(getattr(hf, "mlp_only_layers", None) or [])
+        step = getattr(hf, "decoder_sparse_step", 1) or 1
+        pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+        width, pre_softmax = hf.moe_intermediate_size, not hf.norm_topk_prob
+    else:
+        pattern, width, pre_softmax = [1] * layers, hf.intermediate_size, False
+    if not any(pattern):
+        refuse("no layer has experts (mlp_only_layers / decoder_sparse_step): convert it as qwen3")
+    return dict(
+        num_experts=experts,
+        moe_router_topk=hf.num_experts_per_tok,
+        moe_ffn_hidden_size=width,
+        moe_layer_freq=1 if all(pattern) else pattern,
+        moe_router_pre_softmax=pre_softmax,
+    )
+
+
+# Megatron-LM MoE args that change the math in ways no supported HF family has, with the
+# value the mapping needs (an export of a checkpoint trained with another is refused).
+MOE_ARGS_NEEDED = {
+    "moe_router_score_function": "softmax",
+    "moe_router_enable_expert_bias": False,
+    "moe_router_topk_scaling_factor": None,
+    "moe_shared_expert_intermediate_size": None,
+    "moe_router_num_groups": None,
+    "moe_latent_size": None,
+    "moe_apply_probs_on_input": False,
+    "moe_shared_expert_gate": False,
+}
+
+
+def moe_args_problems(args) -> list[str]:
+    """What in a Megatron-LM checkpoint's MoE args no Hugging Face family expresses."""
+    if not getattr(args, "num_experts", None):
+        return []
+    problems = []
+    for name, needed in MOE_ARGS_NEEDED.items():
+        value = getattr(args, name, needed)
+        if value != needed and not (needed is None and not value):
+            problems.append(
+                f"--{name.replace('_', '-')} {value!r}: the Hugging Face MoE families "
+                f"(Qwen3-MoE, Mixtral) need {needed!r}"
+            )
+    return problems
+
+
 def model_config_to_hf(model: ModelConfig, **token_ids):
-    """ModelConfig -> the family's transformers config (LlamaConfig, MistralConfig or
-    Qwen2Config). `token_ids`: bos_token_id, eos_token_id, pad_token_id where known."""
+    """ModelConfig -> the family's transformers config (LlamaConfig, MistralConfig,
+    Qwen2Config, Qwen3Config, Qwen3MoeConfig or MixtralConfig). `token_ids`: bos_token_id,
+    eos_token_id, pad_token_id where known."""
     import transformers
 
     major = int(transformers.__version__.split(".")[0])
@@ -209,6 +305,7 @@ def model_config_to_hf(model: ModelConfig, **token_ids):
         "add_bias_linear": False,
         "add_qkv_bias": model.family == "qwen2",
         "rotary_percent": 1.0,
+        "qk_layernorm": model.family in QK_NORM_FAMILIES,
     }
     for name, value in expected.items():
         if getattr(model, name) != value:
@@ -217,6 +314,22 @@ def model_config_to_hf(model: ModelConfig, **token_ids):
                 f"{HF_FAMILIES[model.family]} layout; this checkpoint has "
                 f"{getattr(model, name)!r}"
             )
+    if bool(model.num_experts) != (model.family in MOE_FAMILIES):
+        raise ConversionError(
+            f"a {model.family} model {'needs' if model.family in MOE_FAMILIES else 'has no'} "
+            f"experts for the Hugging Face {HF_FAMILIES[model.family]} layout; this checkpoint "
+            f"has --num-experts {model.num_experts}"
+        )
+    if model.family == "mixtral" and not all(model.moe_layers()):
+        raise ConversionError(
+            f"MixtralConfig has experts in every layer; this checkpoint's --moe-layer-freq is "
+            f"{model.moe_layer_freq}"
+        )
+    if model.family == "mixtral" and model.moe_router_pre_softmax:
+        raise ConversionError(
+            "Mixtral renormalizes the top-k router probabilities; this checkpoint was trained "
+            "with --moe-router-pre-softmax (no renormalization): export it as qwen3_moe"
+        )
     head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
     if model.family == "qwen2" and head_dim * model.num_attention_heads != model.hidden_size:
         raise ConversionError(
@@ -254,7 +367,24 @@ def model_config_to_hf(model: ModelConfig, **token_ids):
         )
     if model.family == "mistral":
         return transformers.MistralConfig(**kwargs, head_dim=head_dim, sliding_window=None)
-    return transformers.Qwen2Config(**kwargs, use_sliding_window=False)
+    if model.family == "qwen2":
+        return transformers.Qwen2Config(**kwargs, use_sliding_window=False)
+    qwen3 = dict(head_dim=head_dim, attention_bias=False, use_sliding_window=False)
+    if model.family == "qwen3":
+        return transformers.Qwen3Config(**kwargs, **qwen3)
+    moe = dict(num_experts_per_tok=model.moe_router_topk, output_router_logits=False)
+    if model.family == "mixtral":
+        kwargs["intermediate_size"] = model.moe_ffn_hidden_size
+        return transformers.MixtralConfig(
+            **kwargs, **moe, num_local_experts=model.num_experts, head_dim=head_dim,
+            sliding_window=None, router_jitter_noise=0.0,
+        )  # fmt: skip
+    return transformers.Qwen3MoeConfig(
+        **kwargs, **qwen3, **moe, num_experts=model.num_experts,
+        moe_intermediate_size=model.moe_ffn_hidden_size,
+        norm_topk_prob=not model.moe_router_pre_softmax, decoder_sparse_step=1,
+        mlp_only_layers=[i for i, moe_layer in enumerate(model.moe_layers()) if not moe_layer],
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ tensors
@@ -292,6 +422,7 @@ def tensor_maps(model: ModelConfig) -> list[TensorMap]:
     nh, ng = model.num_attention_heads, model.num_query_groups
     d = model.kv_channels or h // nh
     r = nh // ng
+    moe_layers = model.moe_layers()
     maps = []
 
     def add(hf: str, megatron: str, shape: tuple[int, ...], block=_whole) -> None:
@@ -308,7 +439,21 @@ def tensor_maps(model: ModelConfig) -> list[TensorMap]:
             add(f"{attn}k_proj.{kind}", qkv + kind, (ng * d, *tail), _qkv(ng, r, d, r, r + 1))
             add(f"{attn}v_proj.{kind}", qkv + kind, (ng * d, *tail), _qkv(ng, r, d, r + 1, r + 2))
         add(attn + "o_proj.weight", mg + "self_attention.linear_proj.weight", (h, nh * d))
+        if model.qk_layernorm:
+            add(attn + "q_norm.weight", mg + "self_attention.q_layernorm.weight", (d,))
+            add(attn + "k_norm.weight", mg + "self_attention.k_layernorm.weight", (d,))
         add(hf + "post_attention_layernorm.weight", mg + "pre_mlp_layernorm.weight", (h,))
+        if moe_layers[i]:
+            moe = hf + MOE_PREFIX[model.family]
+            gate, up, down = EXPERT_NAMES[model.family]
+            fm = model.moe_ffn_hidden_size
+            add(moe + "gate.weight", mlp + "router.weight", (model.num_experts, h))
+            for j in range(model.num_experts):
+                hf_e, mg_e = f"{moe}experts.{j}.", f"{mlp}experts.local_experts.{j}."
+                add(f"{hf_e}{gate}.weight", mg_e + "linear_fc1.weight", (fm, h), _rows(0, fm))
+                add(f"{hf_e}{up}.weight", mg_e + "linear_fc1.weight", (fm, h), _rows(fm, 2 * fm))
+                add(f"{hf_e}{down}.weight", mg_e + "linear_fc2.weight", (h, fm))
+            continue
         add(hf + "mlp.gate_proj.weight", mlp + "linear_fc1.weight", (f, h), _rows(0, f))
         add(hf + "mlp.up_proj.weight", mlp + "linear_fc1.weight", (f, h), _rows(f, 2 * f))
         add(hf + "mlp.down_proj.weight", mlp + "linear_fc2.weight", (h, f))

@@ -46,6 +46,7 @@ from dft_megatron.convert.families import (
     TensorMap,
     check_coverage,
     model_config_to_hf,
+    moe_args_problems,
     tensor_maps,
 )
 
@@ -214,6 +215,9 @@ def convert_megatron_to_hf(
     dtype = saved_dtype(path)
     with megatron_model(load_flags(root, path), dtype) as (args, chunks, net):
         loaded = load_weights(chunks)
+        problems = moe_args_problems(args)
+        if problems:
+            raise ConversionError(f"{path}: " + "; ".join(problems))
         model = model_config_from_args(args, vocab_size=session_vocab_size(args))
         logger.info(
             "%s: iteration %d, trained at TP%d x PP%d, %s, %s layout",

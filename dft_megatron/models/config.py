@@ -8,6 +8,11 @@ Families, as Megatron-LM flags express them:
 - gpt:   learned absolute positions, LayerNorm, GeLU MLP, biases, tied embeddings.
 - llama: rope, RMSNorm, SwiGLU, no biases, untied embeddings (Llama-3.x: rope_scaling).
 - qwen2: llama plus qkv bias (`add_qkv_bias`), tied embeddings in the small models.
+- qwen3: llama plus RMSNorm of each query and key head (`qk_layernorm`), a head dimension
+  of its own (`kv_channels`), no biases.
+- qwen3_moe: qwen3 with routed experts (`num_experts`, `moe_router_topk`,
+  `moe_ffn_hidden_size`), dense MLPs in the layers `moe_layer_freq` marks 0.
+- mixtral: llama (mistral without a sliding window) with routed experts in every layer.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-FAMILIES = ("gpt", "llama", "qwen2", "mistral")
+FAMILIES = ("gpt", "llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral")
 
 
 @dataclass
@@ -78,6 +83,25 @@ class ModelConfig:
     add_qkv_bias: bool = False
     """Bias in the QKV projection only (Qwen2), also with add_bias_linear off."""
 
+    qk_layernorm: bool = False
+    """Normalization of each query and key head before RoPE (Qwen3's q_norm / k_norm)."""
+
+    num_experts: int | None = None
+    """Routed experts of a mixture-of-experts MLP; None: a dense MLP in every layer."""
+
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+
+    moe_ffn_hidden_size: int | None = None
+    """Width of each expert's MLP (Qwen3-MoE's moe_intermediate_size); None: ffn_hidden_size."""
+
+    moe_layer_freq: int | list[int] = 1
+    """Which layers are MoE: every N-th (an int), or one 0 (dense) / 1 (MoE) per layer."""
+
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts, then the top k, unnormalized (Qwen3-MoE's norm_topk_prob
+    false). False: softmax over the top-k logits, i.e. the top-k probabilities renormalized."""
+
     untie_embeddings_and_output_weights: bool = False
     """Separate output layer instead of reusing the input embedding."""
 
@@ -102,7 +126,7 @@ class ModelConfig:
     """Dropout on the attention probabilities."""
 
     family: str = "gpt"
-    """Model family (gpt, llama, qwen2, mistral): names the layout for conversion and logs."""
+    """Model family (one of FAMILIES): names the layout for conversion and logs."""
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -111,6 +135,8 @@ class ModelConfig:
             self.num_query_groups = self.num_attention_heads
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.num_experts and self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
 
     def validate(self) -> None:
         """Raise ValueError naming the flag when the description is inconsistent."""
@@ -156,6 +182,27 @@ class ModelConfig:
             0.0 <= self.hidden_dropout < 1.0 and 0.0 <= self.attention_dropout < 1.0,
             "--hidden-dropout and --attention-dropout must be in [0, 1)",
         )
+        if self.num_experts:
+            need(
+                0 < self.moe_router_topk <= self.num_experts,
+                f"--moe-router-topk ({self.moe_router_topk}) must be in 1..--num-experts "
+                f"({self.num_experts})",
+            )
+            if isinstance(self.moe_layer_freq, list):
+                need(
+                    len(self.moe_layer_freq) == self.num_layers
+                    and set(self.moe_layer_freq) <= {0, 1},
+                    f"--moe-layer-freq {self.moe_layer_freq}: one 0 (dense) or 1 (MoE) per "
+                    f"layer, {self.num_layers} in all",
+                )
+
+    def moe_layers(self) -> list[bool]:
+        """Per layer: whether its MLP is the mixture of experts (Megatron-LM's moe_layer_freq)."""
+        if not self.num_experts:
+            return [False] * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
+        return [bool(x) for x in self.moe_layer_freq]
 
     def embedding_rows(self, tp_size: int) -> int:
         """Vocabulary rows of the embedding at TP size `tp_size` (see padded_vocab_size)."""

@@ -66,6 +66,12 @@ STORED_MODEL_ARGS = {
 """Architecture args a checkpoint stores that Megatron-LM's --use-checkpoint-args does not
 restore, with their flags."""
 
+IMPLEMENTATION_ARGS = ("moe_grouped_gemm",)
+"""Args Megatron-LM's --use-checkpoint-args forces to the checkpoint's value although they do
+not change the weights: grouped GEMM holds the same experts in one module (TEGroupedMLP),
+whose checkpoint keys are SequentialMLP's. The command line's value is kept, so a checkpoint
+converted on CPU trains with --moe-grouped-gemm on GPUs, and one trained with it loads on CPU."""
+
 NEVER = 1 << 62
 """--eval-interval when none is given: no validation during or after training."""
 
@@ -406,6 +412,13 @@ def layout_refusals(args: argparse.Namespace) -> list[str]:
             f"--num-query-groups ({groups}) must be a multiple or a divisor of "
             f"--tensor-model-parallel-size ({tp})"
         )
+    if args.num_experts and tp > 1 and not args.sequence_parallel and not args.eval_only:
+        # Megatron-Core's MoELayer.forward raises at the first training step on every rank.
+        out.append(
+            f"a mixture-of-experts model (--num-experts {args.num_experts}) at "
+            f"--tensor-model-parallel-size {tp} trains with --sequence-parallel only "
+            "(Megatron-Core's rule); add it"
+        )
     return out
 
 
@@ -507,8 +520,11 @@ def parse_megatron_args(
 
         if not has_checkpoint(args.load):
             fail([f"--use-checkpoint-args: --load {args.load} holds no checkpoint"])
+        given = {key: getattr(args, key) for key in IMPLEMENTATION_ARGS}
         loaded = load_args_from_checkpoint(args)
         stored = loaded[1] if isinstance(loaded, tuple) else None
+        for key, value in given.items():
+            setattr(args, key, value)
         # Megatron-LM's load_args_from_checkpoint leaves these at the command line's values
         # (defaults): a Llama-3.2 or Qwen checkpoint would lose its RoPE scaling and norm
         # epsilon. Restored unless given, with the model's own vocabulary (rows a converted

@@ -57,8 +57,50 @@ CONFIGS = {
         use_sliding_window=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     ),
+    # Qwen3: q/k norms, a head dimension of its own (32, not 64 / 4), tied embeddings (as
+    # Qwen3-0.6B..4B); bf16 like the hub's.
+    "qwen3": lambda t: t.Qwen3Config(
+        **COMMON,
+        head_dim=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    # Qwen3-MoE: 4 experts of width 32, top 2 without renormalization (norm_topk_prob false:
+    # Megatron-Core's --moe-router-pre-softmax), layer 0 dense (mlp_only_layers), untied.
+    "qwen3_moe": lambda t: t.Qwen3MoeConfig(
+        **COMMON,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+        mlp_only_layers=[0],
+        decoder_sparse_step=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    # Mixtral: experts in every layer, top 2 renormalized, no sliding window.
+    "mixtral": lambda t: t.MixtralConfig(
+        **{**COMMON, "intermediate_size": 48},
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
 }
-DTYPES = {"llama": torch.float32, "mistral": torch.float32, "qwen2": torch.bfloat16}
+DTYPES = {
+    "llama": torch.float32,
+    "mistral": torch.float32,
+    "qwen2": torch.bfloat16,
+    "qwen3": torch.bfloat16,
+    "qwen3_moe": torch.float32,
+    "mixtral": torch.float32,
+}
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
 def hf_config(family: str):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +46,10 @@ from safetensors.torch import load_file
 
 from tests.convert.hf_models import DTYPES, VOCAB, hf_logits, save_hf_model
 from tests.convert.worker import BATCH, FAMILIES, SEQ, layouts_of, rows, tokens
+from tests.launch import kill_tree
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 600
+TIMEOUT_S = 900
 
 
 def _run(work: Path, name: str, cmd: list[str]) -> tuple[int, str]:
@@ -68,8 +68,7 @@ def _run(work: Path, name: str, cmd: list[str]) -> tuple[int, str]:
         try:
             proc.wait(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
     return proc.returncode, log.read_text()
 
 
@@ -121,12 +120,12 @@ def test_import_matches_transformers_at_every_layout(work, family):
     ce_ref = F.cross_entropy(ref.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     scale = float(ref.abs().max())
     assert scale > 1.0  # random weights of std 0.1: logits of order 1
-    for tp, pp in layouts_of(family):
-        got = torch.load(work / f"{family}_tp{tp}_pp{pp}.pt")
+    for layout in layouts_of(family):
+        got = torch.load(work / f"{family}_{layout.name}.pt")
         logits = got["logits"]
         assert logits.shape == (BATCH, SEQ, 128)  # padded vocabulary: 96 real + 32 masked
         assert (logits[..., VOCAB:] == torch.finfo(torch.float32).min).all()
-        where = f"TP{tp} x PP{pp}"
+        where = layout.name
         torch.testing.assert_close(
             logits[..., :VOCAB],
             ref,
@@ -173,6 +172,34 @@ def test_release_checkpoint_stores_the_architecture(work):
     assert args.use_rope_scaling and args.rope_scaling_factor == 32.0
     assert args.rotary_base == 500000 and args.untie_embeddings_and_output_weights
     assert (args.model_family, args.vocab_size, args.padded_vocab_size) == ("llama", 96, 128)
+
+
+def test_moe_checkpoint_stores_experts_and_routing(work):
+    """Qwen3-MoE's args: experts, width, top k, layer 0 dense, no renormalization, q/k norms;
+    the checkpoint holds every expert under one key with an expert axis (any EP reads it)."""
+    from megatron.core import dist_checkpointing
+
+    path = str(work / "mg" / "qwen3_moe" / "release")
+    args = dist_checkpointing.load_common_state_dict(path)["args"]
+    assert (args.num_experts, args.moe_ffn_hidden_size, args.moe_router_topk) == (4, 32, 2)
+    assert args.moe_layer_freq == [0, 1] and args.moe_router_pre_softmax and args.qk_layernorm
+    assert (args.model_family, args.kv_channels) == ("qwen3_moe", 16)
+    keys = dist_checkpointing.load_tensors_metadata(path)
+    experts = "decoder.layers.1.mlp.experts.experts."  # SequentialMLP's = TEGroupedMLP's keys
+    assert tuple(keys[experts + "linear_fc1.weight"].global_shape) == (4, 64, 64)  # E, 2fm, h
+    assert tuple(keys[experts + "linear_fc2.weight"].global_shape) == (4, 64, 32)
+    assert tuple(keys["decoder.layers.1.mlp.router.weight"].global_shape) == (4, 64)
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in keys  # the dense layer
+
+
+def test_grouped_gemm_checkpoint_args_do_not_carry_over(work):
+    """A checkpoint saved with --moe-grouped-gemm in its args (a GPU run's) exports on CPU,
+    bit-identical: Megatron-LM's --use-checkpoint-args would force the flag on, which needs
+    Transformer Engine; the command line's value is kept."""
+    original = load_file(work / "hf" / "qwen3_moe" / "model.safetensors")
+    back = load_file(work / "back_grouped_gemm" / "model.safetensors")
+    assert sorted(original) == sorted(back)
+    assert all(torch.equal(t, back[name]) for name, t in original.items())
 
 
 def test_cli_verify_and_force(work):

@@ -1,10 +1,11 @@
 """What the conversion refuses, and why; all before any weight is read (no process group).
 
 Each case names its reason in the error: an unsupported architecture names the supported
-ones; a config the mapping cannot express (sliding window, unknown RoPE scaling, biases) says
-which setting; a missing, mis-shaped or unknown tensor names the tensor; a non-empty output
-folder asks for --force; an export names what a folder that is not a (complete) Megatron-LM
-save directory holds.
+ones; a config the mapping cannot express (sliding window, unknown RoPE scaling, biases,
+router jitter, shared experts, an MoE model without expert layers) says which setting; an
+export of a model whose MoE layout or routing no HF family has names the flag; a missing,
+mis-shaped or unknown tensor names the tensor; a non-empty output folder asks for --force;
+an export names what a folder that is not a (complete) Megatron-LM save directory holds.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def test_unsupported_architecture_names_the_supported_ones():
         ("llama", {"attention_bias": True}, r"biases \(attention_bias=True"),
         ("llama", {"mlp_bias": True}, "mlp_bias=True"),
         ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ("qwen3", {"attention_bias": True}, r"biases \(attention_bias=True"),
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 64}, "sliding-window"),
+        ("mixtral", {"sliding_window": 4096}, r"sliding-window attention \(sliding_window=4096"),
+        ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise 0.1.*--moe-input-jitter"),
+        ("qwen3_moe", {"mlp_only_layers": [0, 1]}, "no layer has experts"),
+        ("qwen3_moe", {"decoder_sparse_step": 4}, "no layer has experts"),
+        ("qwen3_moe", {"num_experts": 0}, "without experts"),
+        ("qwen3_moe", {"shared_expert_intermediate_size": 64}, "shared experts"),
     ],
 )
 def test_inexpressible_config_is_refused(family, change, reason):
@@ -100,6 +109,91 @@ def test_supported_configs_map():
         for key in ("vocab_size", "num_key_value_heads", "tie_word_embeddings"):
             assert getattr(back, key) == getattr(cfg, key), key
         assert back.rope_parameters == cfg.rope_parameters
+
+
+def test_qwen3_and_moe_configs_map():
+    """Qwen3's q/k norms and head dimension; Qwen3-MoE's experts, dense layers and routing;
+    Mixtral's experts in every layer with renormalized top-k probabilities; and back."""
+    qwen3, qwen3_moe, mixtral = (_model(f) for f in ("qwen3", "qwen3_moe", "mixtral"))
+    assert qwen3.qk_layernorm and qwen3.kv_channels == 32 and not qwen3.num_experts
+    assert not qwen3.untie_embeddings_and_output_weights
+    assert qwen3_moe.qk_layernorm and not mixtral.qk_layernorm
+    assert (qwen3_moe.num_experts, qwen3_moe.moe_router_topk, qwen3_moe.moe_ffn_hidden_size) == (
+        4, 2, 32,
+    )  # fmt: skip
+    assert qwen3_moe.moe_layer_freq == [0, 1] and qwen3_moe.moe_layers() == [False, True]
+    assert qwen3_moe.moe_router_pre_softmax  # norm_topk_prob false
+    assert (mixtral.num_experts, mixtral.moe_ffn_hidden_size, mixtral.moe_layer_freq) == (4, 48, 1)
+    assert not mixtral.moe_router_pre_softmax
+    for family, model in (("qwen3", qwen3), ("qwen3_moe", qwen3_moe), ("mixtral", mixtral)):
+        cfg, back = hf_config(family), model_config_to_hf(model)
+        assert type(back) is type(cfg)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        assert back.head_dim == head_dim, family  # Mixtral's config may leave it implied
+        keys = ["num_key_value_heads", "tie_word_embeddings", "intermediate_size"]
+        keys += {
+            "qwen3": [],
+            "qwen3_moe": ["num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                          "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step"],
+            "mixtral": ["num_local_experts", "num_experts_per_tok", "sliding_window"],
+        }[family]  # fmt: skip
+        for key in keys:
+            assert getattr(back, key) == getattr(cfg, key), (family, key)
+    # A checkpoint's flags carry the MoE layout: the dense layers as a per-layer pattern.
+    from dft_megatron.checkpoint import model_flags
+
+    flags = model_flags(qwen3_moe)
+    for flag in (
+        "--qk-layernorm",
+        "--num-experts=4",
+        "--moe-router-topk=2",
+        "--moe-ffn-hidden-size=32",
+        "--moe-layer-freq=[0,1]",
+        "--moe-router-pre-softmax",
+    ):
+        assert flag in flags, flag  # fmt: skip
+    assert "--moe-layer-freq=1" in model_flags(mixtral)
+
+
+def test_export_refuses_moe_layouts_no_hf_family_has():
+    """Mixtral has experts in every layer and renormalizes; dense families have no experts;
+    a checkpoint trained with routing no HF family has (sigmoid scores, expert bias, shared
+    experts) is refused with the flag."""
+    import argparse
+
+    from dft_megatron.convert.families import moe_args_problems
+
+    mixtral = _model("mixtral")
+    mixtral.moe_layer_freq = [0, 1]
+    with pytest.raises(ConversionError, match="experts in every layer.*moe-layer-freq"):
+        model_config_to_hf(mixtral)
+    mixtral = _model("mixtral")
+    mixtral.moe_router_pre_softmax = True
+    with pytest.raises(ConversionError, match="renormalizes.*--moe-router-pre-softmax"):
+        model_config_to_hf(mixtral)
+    qwen3 = _model("qwen3")
+    qwen3.num_experts = 4
+    with pytest.raises(ConversionError, match="qwen3 model has no experts"):
+        model_config_to_hf(qwen3)
+    moe = _model("qwen3_moe")
+    moe.num_experts = None
+    with pytest.raises(ConversionError, match="qwen3_moe model needs experts"):
+        model_config_to_hf(moe)
+
+    plain = dict(num_experts=4, moe_router_score_function="softmax")
+    assert moe_args_problems(argparse.Namespace(**plain)) == []
+    assert (
+        moe_args_problems(argparse.Namespace(num_experts=None, moe_router_score_function="x")) == []
+    )
+    for change, named in [
+        ({"moe_router_score_function": "sigmoid"}, "--moe-router-score-function 'sigmoid'"),
+        ({"moe_router_enable_expert_bias": True}, "--moe-router-enable-expert-bias True"),
+        ({"moe_shared_expert_intermediate_size": 64}, "--moe-shared-expert-intermediate-size 64"),
+        ({"moe_router_topk_scaling_factor": 2.5}, "--moe-router-topk-scaling-factor 2.5"),
+        ({"moe_apply_probs_on_input": True}, "--moe-apply-probs-on-input True"),
+    ]:
+        (problem,) = moe_args_problems(argparse.Namespace(**{**plain, **change}))
+        assert problem.startswith(named), problem
 
 
 def test_export_refuses_a_model_without_hf_layout():
@@ -192,8 +286,9 @@ def test_sharded_index_and_pytorch_bin(tmp_path):
 
 
 def _megatron_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Megatron-Core's parameter shapes at TP1 x PP1 (local spec), written out by hand."""
-    h, f, d = m.hidden_size, m.ffn_hidden_size, m.hidden_size // m.num_attention_heads
+    """Megatron-Core's parameter shapes at TP1 x PP1 x EP1 (local spec), written out by hand."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    d = m.kv_channels or h // m.num_attention_heads
     qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
     shapes = {"embedding.word_embeddings.weight": (m.padded_vocab_size, h)}
     for i in range(m.num_layers):
@@ -201,11 +296,20 @@ def _megatron_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {
             p + "input_layernorm.weight": (h,),
             p + "self_attention.linear_qkv.weight": (qkv_rows, h),
-            p + "self_attention.linear_proj.weight": (h, h),
+            p + "self_attention.linear_proj.weight": (h, m.num_attention_heads * d),
             p + "pre_mlp_layernorm.weight": (h,),
-            p + "mlp.linear_fc1.weight": (2 * f, h),
-            p + "mlp.linear_fc2.weight": (h, f),
         }
+        if m.moe_layers()[i]:
+            fm = m.moe_ffn_hidden_size
+            shapes[p + "mlp.router.weight"] = (m.num_experts, h)
+            for j in range(m.num_experts):
+                e = f"{p}mlp.experts.local_experts.{j}."
+                shapes |= {e + "linear_fc1.weight": (2 * fm, h), e + "linear_fc2.weight": (h, fm)}
+        else:
+            shapes |= {p + "mlp.linear_fc1.weight": (2 * f, h), p + "mlp.linear_fc2.weight": (h, f)}
+        if m.qk_layernorm:
+            shapes |= {p + "self_attention.q_layernorm.weight": (d,)}
+            shapes |= {p + "self_attention.k_layernorm.weight": (d,)}
         if m.add_qkv_bias:
             shapes[p + "self_attention.linear_qkv.bias"] = (qkv_rows,)
     shapes["decoder.final_layernorm.weight"] = (h,)
@@ -214,7 +318,7 @@ def _megatron_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
 def test_mapping_covers_every_element_once(family):
     """Each element of each Megatron-Core parameter is in exactly one HF tensor's block or in
     the padded rows (counted element by element), and the runtime guard agrees."""
@@ -230,7 +334,8 @@ def test_mapping_covers_every_element_once(family):
     for name, c in counts.items():
         assert (c == 1).all(), name
     check_coverage(m, {k: torch.empty(s, device="meta") for k, s in shapes.items()})
-    shapes["decoder.layers.0.mlp.linear_fc1.weight"] = (2 * m.ffn_hidden_size + 2, m.hidden_size)
+    fc1 = next(k for k in shapes if k.endswith("linear_fc1.weight"))
+    shapes[fc1] = (shapes[fc1][0] + 2, m.hidden_size)
     with pytest.raises(AssertionError, match="linear_fc1"):
         check_coverage(m, {k: torch.empty(s, device="meta") for k, s in shapes.items()})
 

@@ -6,14 +6,16 @@ WORK` runs the comma-separated STEPS in one process (under torch.distributed.run
   another): llama imported through the import CLI with --verify, again without --force
   (refused) and with --force; mistral and qwen2 through the library; each exported back to
   HF in 100KB shards; the import CLI's --verify on a wrong model (two layers swapped);
-  verification of mistral's checkpoint against llama's HF folder; the trainer's model config
+  verification of mistral's checkpoint against llama's HF folder; the qwen3_moe import saved
+  with --moe-grouped-gemm in its args (as a GPU run's) and exported; the trainer's model config
   at a TP size that does not divide the attention heads or query groups. WORK/convert.json.
 - `layouts` (4 processes): each import loaded as the trainer loads it (Megatron-LM's
   arguments from the checkpoint, `initialize_megatron`, `get_model` with the trainer's model
   provider, Megatron-LM's `load_checkpoint`) at TP1, TP2, PP2, TP2 x PP2 (llama also TP4;
-  DP fills the rest); one forward through Megatron-Core's pipeline schedule for the logits (gathered
-  over TP) and one through the trainer's own `forward_step` / `loss_func` for the CE.
-  WORK/{family}_tp{TP}_pp{PP}.pt.
+  DP fills the rest; the MoE families also EP2 and TP2 x EP2 through both token dispatchers,
+  and TP2 x EP2 with expert-TP 1); one forward through Megatron-Core's pipeline schedule
+  for the logits (gathered over TP) and one through the trainer's own `forward_step` /
+  `loss_func` for the CE; the process groups destroyed after each. WORK/{family}_{layout}.pt.
 - `eval_only`, `train` (4 processes): `python -m dft_megatron.train`'s entry in this process
   on the qwen2 import at TP2 x PP2 over WORK/rows.jsonl: --eval-only (WORK/eval_only.jsonl);
   2 steps of fine-tuning saved at iteration 2 to WORK/trained and validated there
@@ -33,17 +35,67 @@ import os
 import runpy
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-FAMILIES = ("llama", "mistral", "qwen2")
-LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (TP, PP) on 4 processes
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
-def layouts_of(family: str) -> tuple[tuple[int, int], ...]:
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout on 4 processes (DP fills the rest)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None  # --expert-tensor-parallel-size; None: Megatron-LM's default (TP)
+    dispatcher: str = "alltoall"  # --moe-token-dispatcher-type (MoE models only)
+
+    @property
+    def name(self) -> str:
+        name = f"tp{self.tp}_pp{self.pp}"
+        if self.ep > 1:
+            name += f"_ep{self.ep}" + (f"_etp{self.etp}" if self.etp else "")
+            name += f"_{self.dispatcher}"
+        return name
+
+    def flags(self, moe: bool) -> list[str]:
+        flags = ["--tensor-model-parallel-size", str(self.tp)]
+        flags += ["--pipeline-model-parallel-size", str(self.pp)]
+        if moe:
+            flags += ["--expert-model-parallel-size", str(self.ep)]
+            flags += ["--moe-token-dispatcher-type", self.dispatcher]
+            if self.etp:
+                flags += ["--expert-tensor-parallel-size", str(self.etp)]
+            if self.tp > 1:  # Megatron-Core: MoE with TP needs sequence parallelism
+                flags.append("--sequence-parallel")
+        return flags
+
+
+LAYOUTS = (Layout(), Layout(tp=2), Layout(pp=2), Layout(tp=2, pp=2))
+MOE_LAYOUTS = (
+    Layout(),
+    Layout(tp=2),
+    Layout(pp=2),
+    Layout(ep=2),
+    Layout(ep=2, dispatcher="allgather"),
+    Layout(tp=2, ep=2),
+    Layout(tp=2, ep=2, dispatcher="allgather"),
+    Layout(tp=2, ep=2, etp=1),
+)
+
+
+def layouts_of(family: str) -> tuple[Layout, ...]:
     """The layouts each import is loaded at; llama's also TP4, where its 2 query groups are
-    replicated over the 4 TP ranks (the other families have the same GQA shapes)."""
-    return (*LAYOUTS, (4, 1)) if family == "llama" else LAYOUTS
+    replicated over the 4 TP ranks (the other families have the same GQA shapes); the MoE
+    families' with expert parallelism through both of Megatron-LM's token dispatchers, and
+    the experts not split over TP (expert-TP 1 at TP2)."""
+    from tests.convert.hf_models import MOE_FAMILIES
+
+    if family in MOE_FAMILIES:
+        return MOE_LAYOUTS
+    return (*LAYOUTS, Layout(tp=4)) if family == "llama" else LAYOUTS
 
 
 SEQ, BATCH = 16, 2
@@ -151,10 +203,28 @@ def convert(work: Path) -> None:
         # Small shards: the index path of the export.
         convert_megatron_to_hf(mg, work / "back" / family, max_shard_size="100KB")
         lap(f"export {family}")
-    # The import CLI's --verify exits 1 for a wrong model: layers 0 and 1 of the MLP output
-    # projection swapped after the import copied them.
+    # A checkpoint whose args say --moe-grouped-gemm, as a GPU run saves it (TEGroupedMLP,
+    # whose checkpoint keys are SequentialMLP's), exports on CPU: the stored flag does not
+    # carry over (the command line's value is kept).
+    from megatron.training import get_args
+
     from dft_megatron.convert import hf_to_megatron
 
+    save = hf_to_megatron.save_release
+
+    def save_as_grouped_gemm(chunks, out):
+        get_args().moe_grouped_gemm = True
+        return save(chunks, out)
+
+    hf_to_megatron.save_release = save_as_grouped_gemm
+    try:
+        convert_hf_to_megatron(work / "hf" / "qwen3_moe", work / "mg_grouped_gemm")
+    finally:
+        hf_to_megatron.save_release = save
+    convert_megatron_to_hf(work / "mg_grouped_gemm", work / "back_grouped_gemm")
+    lap("grouped-gemm args")
+    # The import CLI's --verify exits 1 for a wrong model: layers 0 and 1 of the MLP output
+    # projection swapped after the import copied them.
     copy = hf_to_megatron.load_hf_weights
 
     def copy_then_swap(plan, net):
@@ -209,6 +279,18 @@ def _logits_step(captured: list, data_iterator, model):
     return output, loss_func
 
 
+def _destroy_groups() -> None:
+    """Destroy every process group but the world's. Megatron-LM's destroy_global_state forgets
+    its groups without destroying them, and each gloo group keeps its threads: over the ~30
+    layouts (an MoE layout makes a dozen groups) the processes grew to 2000 threads each."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
+
+
 def layouts(work: Path) -> None:
     import torch
     import torch.distributed as dist
@@ -232,14 +314,16 @@ def layouts(work: Path) -> None:
     world = dist.get_world_size()
     ids = tokens()
     batch = {"tokens": ids, "loss_mask": torch.ones(BATCH, SEQ)}
+    from tests.convert.hf_models import MOE_FAMILIES
+
     for family in FAMILIES:
-        for tp, pp in layouts_of(family):
+        for layout in layouts_of(family):
+            tp, pp = layout.tp, layout.pp
             dp = world // (tp * pp)
             parse_megatron_args(
                 [
                     "--load", str(work / "mg" / family),
-                    "--tensor-model-parallel-size", str(tp),
-                    "--pipeline-model-parallel-size", str(pp),
+                    *layout.flags(family in MOE_FAMILIES),
                     "--micro-batch-size", str(BATCH),
                     "--global-batch-size", str(BATCH * dp),
                     "--seq-length", str(SEQ),
@@ -285,11 +369,11 @@ def layouts(work: Path) -> None:
                 ):
                     torch.save(
                         {"logits": torch.cat(parts, -1), "ce": ce_sum / count, "tokens": count},
-                        work / f"{family}_tp{tp}_pp{pp}.pt",
+                        work / f"{family}_{layout.name}.pt",
                     )
             del chunks
             training.destroy_global_state()
-            dist.barrier()
+            _destroy_groups()
 
 
 # ------------------------------------------------------------------ the trainer
