@@ -7,8 +7,9 @@ per-token loss and statistics to `DFTMetrics`; once per iteration Megatron-LM's
 `training_log` runs on every rank, and `install_hooks` makes it also, on logged iterations,
 SUM all-reduce those sums over the world (the ranks that computed no loss add zeros), write
 the p histogram (20 bins over [0, 1]: the paper's Figure 2 view) to Megatron-LM's
-TensorBoard writer, append the iteration's record to `--log-metrics-jsonl` and print the
-progress line with the ETA; validation (`evaluate_and_print_results`) the same with its own
+TensorBoard writer, append the iteration's record to `--log-metrics-jsonl` (with the MoE
+router's losses that Megatron-LM's line reports, for an MoE model) and print the progress
+line with the ETA; validation (`evaluate_and_print_results`) the same with its own
 sums. Nothing here holds per-token tensors past the micro-batch.
 
 Target-probability regimes: the fractions of target tokens with p < 0.01, 0.01-0.5,
@@ -120,6 +121,10 @@ class DFTMetrics:
         self.valid = MetricSums()
         self.jsonl_path = jsonl_path
         self.start: tuple[float, int] | None = None  # (time, iteration) of the first log call
+        self.router_losses: dict[str, float] = {}
+        """Megatron-Core's MoE router losses of the iteration just reported (name -> value,
+        as its iteration line shows them: the mean over MoE layers and micro-batches,
+        without the coefficient); empty for a dense model."""
 
     def add(self, loss, stats, mask, *, training: bool) -> None:
         (self.train if training else self.valid).add(loss, stats, mask)
@@ -166,6 +171,8 @@ class DFTMetrics:
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=bool(skipped),
         )
+        record.update(self.router_losses)
+        self.router_losses = {}
         record["p_histogram"] = sums.histogram()
         self._write(record)
         _histogram("train/target_prob", sums, iteration)
@@ -234,12 +241,53 @@ def _histogram(tag: str, sums: MetricSums, iteration: int) -> None:
     )
 
 
+_hooked: DFTMetrics | None = None
+"""The DFTMetrics the hooks installed last write to."""
+
+
+def _capture_router_losses(report):
+    """Megatron-Core's MoE metrics tracker's `report`, which adds each router loss of the
+    iteration (`track_names`: load_balancing_loss, z_loss, ...) to `total_loss_dict`; the
+    added amounts go to the hooked DFTMetrics as well. What it returns and prints is
+    unchanged."""
+
+    @functools.wraps(report)
+    def report_to_dft(*args, total_loss_dict=None, track_names=None, **kwargs):
+        names = [n for n in track_names or [] if n.lower().endswith("loss")]
+        before = {n: float(total_loss_dict[n]) for n in names if n in (total_loss_dict or {})}
+        out = report(*args, total_loss_dict=total_loss_dict, track_names=track_names, **kwargs)
+        if _hooked is not None and total_loss_dict is not None:
+            _hooked.router_losses = {
+                n: float(total_loss_dict[n]) - before.get(n, 0.0)
+                for n in names
+                if n in total_loss_dict
+            }
+        return out
+
+    report_to_dft.__dft_megatron__ = True
+    return report_to_dft
+
+
 def install_hooks(metrics: DFTMetrics) -> None:
     """Make Megatron-LM's `training_log` and `evaluate_and_print_results` (module functions
     of megatron/training/training.py, called by name from `train` and `pretrain`) also write
-    `metrics`. Their own output is unchanged."""
+    `metrics`, with the MoE router losses that `training_log` reports (from Megatron-Core's
+    metrics tracker, which it looks up by name). Their own output is unchanged."""
+    global _hooked
     from megatron.training import get_args
     from megatron.training import training as mt
+
+    _hooked = metrics
+    get_tracker = getattr(mt.get_moe_metrics_tracker, "__wrapped__", mt.get_moe_metrics_tracker)
+
+    @functools.wraps(get_tracker)
+    def get_tracker_reporting_to_dft():
+        tracker = get_tracker()
+        if not getattr(tracker.report, "__dft_megatron__", False):
+            tracker.report = _capture_router_losses(tracker.report)
+        return tracker
+
+    mt.get_moe_metrics_tracker = get_tracker_reporting_to_dft
 
     training_log = getattr(mt.training_log, "__wrapped__", mt.training_log)
     evaluate = getattr(mt.evaluate_and_print_results, "__wrapped__", mt.evaluate_and_print_results)

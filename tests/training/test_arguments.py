@@ -183,6 +183,16 @@ def test_layout_refusal(tp, heads, groups, named):
     assert layout_refusals(parse_only([*BASE, "--tensor-model-parallel-size", "2"])) == []
 
 
+def test_moe_with_tensor_parallelism_needs_sequence_parallelism():
+    """Megatron-Core's MoELayer raises at the first training step without it (every rank,
+    a traceback); refused in one line before anything starts. Evaluation runs without."""
+    moe = [*BASE, "--mock-data", "--num-experts", "4", "--tensor-model-parallel-size", "2"]
+    (problem,) = layout_refusals(parse_only(moe))
+    assert "--num-experts 4" in problem and "--sequence-parallel" in problem
+    assert layout_refusals(parse_only([*moe, "--sequence-parallel"])) == []
+    assert layout_refusals(parse_only([*moe, "--eval-only"])) == []
+
+
 def test_a_runnable_command_line_has_no_refusal():
     flags = [*LLAMA3_MODEL, *LLAMA3_TRAINING, *LLAMA3_PARALLEL, *LLAMA3_DATA, *LLAMA3_LOGGING]
     assert refusals(parse_only(flags)) == []
