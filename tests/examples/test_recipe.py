@@ -14,61 +14,35 @@ and each parsed value is compared with the list above.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.examples.stub import recorded_calls, run_script, trainer_argv
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "dft_qwen2.5_math_1.5b.sh"
-STUB = """#!/usr/bin/env bash
-for a in "$@"; do printf '%s\\0' "$a"; done >> "$CALLS"
-printf '\\n\\0' >> "$CALLS"
-"""
 
 
 def _calls(tmp_path: Path, name: str = "calls", **env) -> list[list[str]]:
     """Every command the script runs through $PYTHON, as argument lists."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    stub = tmp_path / "python"
-    stub.write_text(STUB)
-    stub.chmod(0o755)
-    numina = tmp_path / "numina.jsonl"
-    numina.write_text('{"problem": "1+1?", "solution": "\\\\boxed{2}"}\n')
-    calls = tmp_path / name
-    done = subprocess.run(
-        ["bash", str(SCRIPT)],
-        env=dict(
-            os.environ,
-            PYTHON=str(stub),
-            CALLS=str(calls),
-            HF_MODEL=str(tmp_path / "Qwen2.5-Math-1.5B"),
-            NUMINA=str(numina),
-            BENCHMARKS=str(tmp_path / "benchmarks"),
-            OUT=str(tmp_path / "out"),
+    done = run_script(
+        SCRIPT,
+        tmp_path,
+        name,
+        env={
+            "HF_MODEL": str(tmp_path / "Qwen2.5-Math-1.5B"),
+            "NUMINA": str(tmp_path / "numina.jsonl"),
+            "BENCHMARKS": str(tmp_path / "benchmarks"),
+            "OUT": str(tmp_path / "out"),
             **env,
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
+        },
     )
     assert done.returncode == 0, done.stderr
-    out, current = [], []
-    for arg in calls.read_text().split("\0")[:-1]:
-        if arg == "\n":
-            out.append(current)
-            current = []
-        else:
-            current.append(arg)
-    return out
+    return recorded_calls(tmp_path / name)
 
 
-def _trainer_argv(calls: list[list[str]]) -> list[str]:
-    (train,) = [c for c in calls if "dft_megatron.train" in c]
-    assert train[:2] == ["-m", "torch.distributed.run"], train[:2]
-    return train[train.index("dft_megatron.train") + 1 :]
+_trainer_argv = trainer_argv
 
 
 @pytest.fixture(scope="module")
