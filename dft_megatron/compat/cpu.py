@@ -45,6 +45,11 @@ What is bridged (the numbers of shared/DESIGN.md's list in brackets):
    bridge applies them as part of itself.
 5. Sequence parallelism with the local spec's torch norms, which refuse it without apex
    (`_bridge_torch_norm_sequence_parallel`).
+6. The MoE layer: the router's and dispatchers' modules join (1) (the alltoall dispatcher's
+   device-to-host copy stream is a `_StreamOnCpu`, whose `record_event` returns an event);
+   `moe_utils.maybe_move_tensor_to_cpu` gives numpy split sizes for CPU tensors as it does
+   for CUDA ones (`_bridge_moe_host_copies`); uneven token all-gathers and reduce-scatters,
+   which gloo refuses, use a padded all-gather and an all-reduce (`_bridge_uneven_gathers`).
 
 Each patch carries a comment naming the Megatron-Core file and function and why.
 
