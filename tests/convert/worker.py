@@ -13,7 +13,7 @@ WORK` runs the comma-separated STEPS in one process (under torch.distributed.run
   arguments from the checkpoint, `initialize_megatron`, `get_model` with the trainer's model
   provider, Megatron-LM's `load_checkpoint`) at TP1, TP2, PP2, TP2 x PP2 (llama also TP4;
   DP fills the rest; the MoE families also EP2 and TP2 x EP2 through both token dispatchers,
-  and TP2 x EP2 with expert-TP 1); one forward through Megatron-Core's pipeline schedule
+  TP2 x EP2 with expert-TP 1 and PP2 x EP2); one forward through Megatron-Core's pipeline schedule
   for the logits (gathered over TP) and one through the trainer's own `forward_step` /
   `loss_func` for the CE; the process groups destroyed after each. WORK/{family}_{layout}.pt.
 - `eval_only`, `train` (4 processes): `python -m dft_megatron.train`'s entry in this process
@@ -83,14 +83,15 @@ MOE_LAYOUTS = (
     Layout(tp=2, ep=2),
     Layout(tp=2, ep=2, dispatcher="allgather"),
     Layout(tp=2, ep=2, etp=1),
+    Layout(pp=2, ep=2),
 )
 
 
 def layouts_of(family: str) -> tuple[Layout, ...]:
     """The layouts each import is loaded at; llama's also TP4, where its 2 query groups are
     replicated over the 4 TP ranks (the other families have the same GQA shapes); the MoE
-    families' with expert parallelism through both of Megatron-LM's token dispatchers, and
-    the experts not split over TP (expert-TP 1 at TP2)."""
+    families' with expert parallelism through both of Megatron-LM's token dispatchers, the
+    experts not split over TP (expert-TP 1 at TP2) and EP with PP."""
     from tests.convert.hf_models import MOE_FAMILIES
 
     if family in MOE_FAMILIES:

@@ -7,7 +7,8 @@ to a Megatron-LM checkpoint. The router's load-balancing loss is on (--moe-aux-l
 0.01), token dropping off (Megatron-LM's default: no capacity factor).
 
 - Layout parity: 3 DFT steps from the checkpoint on the same mock batches at EP2 (DP2; the
-  alltoall dispatcher), TP2 x EP2 with sequence parallelism (alltoall and allgather) give the
+  alltoall dispatcher; also with the distributed optimizer), TP2 x EP2 with sequence
+  parallelism (alltoall and allgather) give the
   EP1 run's loss, CE, mean target p (1e-4 absolute), grad norm and load-balancing loss (1e-4
   relative) and token counts; the load-balancing loss is logged apart from the DFT loss.
 - One Adam step at TP2 x EP2 on pre-tokenized rows moves every weight as one
@@ -94,6 +95,10 @@ LAYOUTS = {
     "ep2": (2, [*EP, "--moe-token-dispatcher-type", "alltoall"]),
     "tp2_ep2": (4, [*TP2, *EP, "--moe-token-dispatcher-type", "alltoall"]),
     "tp2_ep2_allgather": (4, [*TP2, *EP, "--moe-token-dispatcher-type", "allgather"]),
+    "ep2_distopt": (
+        2,
+        [*EP, "--moe-token-dispatcher-type", "alltoall", "--use-distributed-optimizer"],
+    ),
 }
 
 
