@@ -214,10 +214,10 @@ def convert_megatron_to_hf(
     out = prepare_output(hf_dir, force, source=root)
     dtype = saved_dtype(path)
     with megatron_model(load_flags(root, path), dtype) as (args, chunks, net):
-        loaded = load_weights(chunks)
-        problems = moe_args_problems(args)
+        problems = moe_args_problems(args)  # before any weight is read
         if problems:
             raise ConversionError(f"{path}: " + "; ".join(problems))
+        loaded = load_weights(chunks)
         model = model_config_from_args(args, vocab_size=session_vocab_size(args))
         logger.info(
             "%s: iteration %d, trained at TP%d x PP%d, %s, %s layout",

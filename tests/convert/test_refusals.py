@@ -163,22 +163,16 @@ def test_export_refuses_moe_layouts_no_hf_family_has():
 
     from dft_megatron.convert.families import moe_args_problems
 
-    mixtral = _model("mixtral")
-    mixtral.moe_layer_freq = [0, 1]
-    with pytest.raises(ConversionError, match="experts in every layer.*moe-layer-freq"):
-        model_config_to_hf(mixtral)
-    mixtral = _model("mixtral")
-    mixtral.moe_router_pre_softmax = True
-    with pytest.raises(ConversionError, match="renormalizes.*--moe-router-pre-softmax"):
-        model_config_to_hf(mixtral)
-    qwen3 = _model("qwen3")
-    qwen3.num_experts = 4
-    with pytest.raises(ConversionError, match="qwen3 model has no experts"):
-        model_config_to_hf(qwen3)
-    moe = _model("qwen3_moe")
-    moe.num_experts = None
-    with pytest.raises(ConversionError, match="qwen3_moe model needs experts"):
-        model_config_to_hf(moe)
+    for family, field, value, reason in [
+        ("mixtral", "moe_layer_freq", [0, 1], "experts in every layer.*moe-layer-freq"),
+        ("mixtral", "moe_router_pre_softmax", True, "renormalizes.*--moe-router-pre-softmax"),
+        ("qwen3", "num_experts", 4, "qwen3 model has no experts"),
+        ("qwen3_moe", "num_experts", None, "qwen3_moe model needs experts"),
+    ]:
+        model = _model(family)
+        setattr(model, field, value)
+        with pytest.raises(ConversionError, match=reason):
+            model_config_to_hf(model)
 
     plain = dict(num_experts=4, moe_router_score_function="softmax")
     assert moe_args_problems(argparse.Namespace(**plain)) == []

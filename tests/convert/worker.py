@@ -398,15 +398,15 @@ def trainer_flags(work: Path) -> list[str]:
 
 def _trainer(argv: list[str]) -> None:
     """`python -m dft_megatron.train ARGV` in this process: its entry (`run`: parse, data,
-    Megatron-LM's `pretrain`), then Megatron-LM's global state torn down for the next one."""
-    import torch.distributed as dist
+    Megatron-LM's `pretrain`), then Megatron-LM's global state and its process groups torn
+    down for the next one."""
     from megatron.training import training
 
     from dft_megatron.training import entry
 
     entry.run(argv)
     training.destroy_global_state()
-    dist.barrier()
+    _destroy_groups()
 
 
 def eval_only(work: Path) -> None:

@@ -59,17 +59,13 @@ def _calls(tmp_path: Path, name: str = "calls", extra: tuple[str, ...] = (), **e
     return recorded_calls(tmp_path / name)
 
 
-_torchrun = torchrun_call
-_trainer_argv = trainer_argv
-
-
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("qwen3_moe_recipe")
     calls = _calls(tmp_path)
     from dft_megatron.training.arguments import parse_only
 
-    return calls, parse_only(_trainer_argv(calls)), tmp_path
+    return calls, parse_only(trainer_argv(calls)), tmp_path
 
 
 def test_the_script_converts_trains_exports_and_evaluates(recipe):
@@ -96,7 +92,7 @@ def test_verify_checks_the_conversion(tmp_path):
 
 def test_two_nodes_of_eight_gpus_by_default(recipe):
     calls, _, _ = recipe
-    launch = _torchrun(calls)
+    launch = torchrun_call(calls)
     launch = launch[: launch.index("dft_megatron.train")]
     flags = dict(zip(launch[2::2], launch[3::2], strict=False))
     assert flags["--nproc-per-node"] == "8" and flags["--nnodes"] == "2"
@@ -149,7 +145,7 @@ def test_flag_reaches_the_trainer(recipe, dest, value):
 
 def test_the_architecture_comes_from_the_checkpoint(recipe):
     calls, args, tmp_path = recipe
-    argv = _trainer_argv(calls)
+    argv = trainer_argv(calls)
     repeated = [a for a in argv if a.split("=")[0] in MODEL_SHAPE_FLAGS]
     assert repeated == []
     assert args.load == str(tmp_path / "out" / "hf_import")  # the conversion's output
@@ -169,11 +165,11 @@ def test_layout_from_the_environment(tmp_path):
 
     env = dict(TP="4", EP="4", ETP="2", PP="2", NNODES="4", DATA="", MICRO_BATCH_SIZE="2")
     calls = _calls(tmp_path, **env)
-    args = parse_only(_trainer_argv(calls))
+    args = parse_only(trainer_argv(calls))
     assert args.tensor_model_parallel_size == 4 and args.expert_model_parallel_size == 4
     assert args.expert_tensor_parallel_size == 2 and args.pipeline_model_parallel_size == 2
     assert args.micro_batch_size == 2
-    launch = _torchrun(calls)
+    launch = torchrun_call(calls)
     assert launch[launch.index("--nnodes") + 1] == "4"
 
 
@@ -184,7 +180,7 @@ def test_data_is_another_name_for_numina(tmp_path):
     rows.parent.mkdir(parents=True, exist_ok=True)
     rows.write_text('{"problem": "2+2?", "solution": "\\\\boxed{4}"}\n')
     calls = _calls(tmp_path, NUMINA="", DATA=str(rows))
-    assert parse_only(_trainer_argv(calls)).sft_data == [str(rows)]
+    assert parse_only(trainer_argv(calls)).sft_data == [str(rows)]
 
 
 @pytest.mark.parametrize(
@@ -201,7 +197,7 @@ def test_a_misspelt_flag_would_fail(recipe):
     from dft_megatron.training.arguments import parse_only
 
     calls, _, _ = recipe
-    argv = _trainer_argv(calls)
+    argv = trainer_argv(calls)
     misspelt = [a.replace("--moe-aux-loss-coeff", "--moe-aux-loss-coef") for a in argv]
     assert misspelt != argv
     with pytest.raises(SystemExit):
@@ -212,13 +208,13 @@ def test_extra_arguments_reach_the_trainer(tmp_path):
     from dft_megatron.training.arguments import parse_only
 
     calls = _calls(tmp_path, extra=("--lr", "1e-5", "--moe-aux-loss-coeff", "1e-2"))
-    args = parse_only(_trainer_argv(calls))
+    args = parse_only(trainer_argv(calls))
     assert args.lr == 1e-5 and args.moe_aux_loss_coeff == [1e-2]  # given last, they win
 
 
 def test_the_sft_baseline_changes_only_the_loss(tmp_path):
-    dft = _trainer_argv(_calls(tmp_path, "dft"))
-    sft = _trainer_argv(_calls(tmp_path, "sft", LOSS_TYPE="sft"))
+    dft = trainer_argv(_calls(tmp_path, "dft"))
+    sft = trainer_argv(_calls(tmp_path, "sft", LOSS_TYPE="sft"))
     assert [a for a in dft if a != "dft"] == [a for a in sft if a != "sft"]
 
 

@@ -42,16 +42,13 @@ def _calls(tmp_path: Path, name: str = "calls", **env) -> list[list[str]]:
     return recorded_calls(tmp_path / name)
 
 
-_trainer_argv = trainer_argv
-
-
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("recipe")
     calls = _calls(tmp_path)
     from dft_megatron.training.arguments import parse_only
 
-    return calls, parse_only(_trainer_argv(calls))
+    return calls, parse_only(trainer_argv(calls))
 
 
 def test_the_script_converts_trains_exports_and_evaluates(recipe):
@@ -124,8 +121,8 @@ def test_paper_evaluation_protocol(recipe):
 def test_sft_baseline_changes_only_the_loss(tmp_path):
     from dft_megatron.training.arguments import parse_only
 
-    dft = _trainer_argv(_calls(tmp_path, "dft"))
-    sft = _trainer_argv(_calls(tmp_path, "sft", LOSS_TYPE="sft"))
+    dft = trainer_argv(_calls(tmp_path, "dft"))
+    sft = trainer_argv(_calls(tmp_path, "sft", LOSS_TYPE="sft"))
     assert [a for a in dft if a != "dft"] == [a for a in sft if a != "sft"]
     assert parse_only(sft).loss_type == "sft"
 
