@@ -2,12 +2,17 @@
 
     python tools/eval_math.py --model HF_DIR \\
         --benchmarks math500=data/math500/test.jsonl,aime24=data/aime24/test.jsonl \\
-        --output-dir eval_out [--prompt-template qwen-boxed] [--num-samples 16]
+        --output-dir eval_out [--prompt-template qwen-boxed] [--num-samples 16] \\
+        [--answer-fallback]
 
 k samples per problem at temperature 1.0 / top-p 1.0, up to 4096 new tokens; the last
 \\boxed{} is the answer, judged by math_verify; avg@k (the paper's metric) and pass@k per
-benchmark and averaged go to OUTPUT_DIR/results.json and a table. Completions are cached in
-OUTPUT_DIR/<name>.completions.jsonl: rerunning the same command resumes.
+benchmark and averaged go to OUTPUT_DIR/results.json and a table. A completion without a
+complete box has no answer, unless --answer-fallback reads it as the Qwen2.5-Math harness
+does (unclosed box, "the answer is ...", last number); results.json names the extraction
+(`answer_extraction`). Completions are cached in OUTPUT_DIR/<name>.completions.jsonl:
+rerunning the same command resumes, and rerunning it with or without --answer-fallback
+rescores them without generating.
 The logic lives in dft_megatron.eval.
 """
 
@@ -17,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dft_megatron.eval.answers import ANSWER_EXTRACTION_BOXED, ANSWER_EXTRACTION_FALLBACK
 from dft_megatron.eval.benchmarks import resolve_benchmarks
 from dft_megatron.eval.prompts import PROMPT_TEMPLATES
 from dft_megatron.eval.runner import (
@@ -105,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.judge_workers,
         help="processes running math_verify (default: %(default)s)",
     )
+    p.add_argument(
+        "--answer-fallback",
+        action="store_true",
+        help="for a completion without a complete \\boxed{}, take the answer as the Qwen2.5-Math "
+        "harness does: an unclosed last box, else the text after the last 'the answer is', else "
+        "the last number (default: no box, no answer)",
+    )
     return p
 
 
@@ -123,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         problem_key=args.problem_key,
         answer_key=args.answer_key,
         judge_workers=args.judge_workers,
+        answer_extraction=(
+            ANSWER_EXTRACTION_FALLBACK if args.answer_fallback else ANSWER_EXTRACTION_BOXED
+        ),
     )
     if args.model.startswith(("/", "./", "../", "~")) and not Path(args.model).is_dir():
         print(f"error: --model {args.model}: no such folder", file=sys.stderr)

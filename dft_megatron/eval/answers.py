@@ -4,10 +4,23 @@ Extraction: the final answer is the content of the LAST complete, non-empty `\\b
 (or `\\fbox{...}`) in a completion; braces nest (`\\boxed{\\frac{\\sqrt{2}}{2}}`), escaped braces
 `\\{ \\}` do not count, and the brace-less form `\\boxed 5` takes the next token. A box that is
 never closed (a completion cut off at the token limit) or that is empty does not count. No box:
-no answer (the sample is wrong).
+no answer (the sample is wrong). That is the strict default, `ANSWER_EXTRACTION_BOXED`.
 
-Equivalence (`judge_answer`): `math_verify` parses the gold answer and the prediction (both
-wrapped in `\\boxed{}`, so its LaTeX extraction reads exactly the extracted text) into sympy
+`ANSWER_EXTRACTION_FALLBACK` (`extract_answer(text, fallback=True)`) reads such completions
+the way the Qwen2.5-Math evaluation harness (the paper's) does instead: when there is no
+complete box, the answer is the content of an unclosed last box (to the end of the text),
+else the text after the last "the answer is" (to the end of its sentence or line), else the
+last number in the text; that is the harness's order (its `extract_answer` reads a box, even
+an unclosed one, before the phrase). `locate_answer` also says which source gave it.
+
+Comparison: both answers are first brought to `canonical_answer`: a trailing period dropped
+(`\\boxed{10.}` is 10, `10.5` and `.5` keep theirs) and whitespace and LaTeX spacing commands
+removed outside `\\text{}`-like groups (`e^{2 i t}` is `e^{2it}`, `1 2` is `12`), as the
+harness strips spaces before it compares; inside text groups whitespace separates words and
+is only collapsed.
+
+Equivalence (`judge_answer`): `math_verify` parses the canonical gold answer and prediction
+(both wrapped in `\\boxed{}`, so its LaTeX extraction reads exactly that text) into sympy
 objects and `math_verify.verify(gold, prediction)` compares them (numbers to 6 decimals,
 fractions, radicals, intervals, sets, tuples, matrices, equations `x=3` vs `3`, units in
 `\\text{}`, degrees, percent). The normalization fallback (`normalized_equal`: string
@@ -37,7 +50,30 @@ JUDGE_MATH_VERIFY = "math_verify"
 JUDGE_FALLBACK = "fallback"
 JUDGE_NO_ANSWER = "no_answer"
 
+ANSWER_EXTRACTION_BOXED = "boxed"
+ANSWER_EXTRACTION_FALLBACK = "boxed+harness-fallback"
+ANSWER_EXTRACTIONS = (ANSWER_EXTRACTION_BOXED, ANSWER_EXTRACTION_FALLBACK)
+
+# Where an extracted answer came from (`Extraction.source`).
+SOURCE_BOXED = "boxed"
+SOURCE_UNCLOSED_BOX = "unclosed_box"
+SOURCE_ANSWER_IS = "answer_is"
+SOURCE_LAST_NUMBER = "last_number"
+
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_ANSWER_IS_RE = re.compile(r"\b(?:the|final)\s+answer\s+is\b\s*:?", re.IGNORECASE)
+_DELIMITED_MATH_RE = re.compile(r"(?:\$\$?|\\[(\[])(.+?)(?:\$|\\[)\]])")
+_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
+_NUMBER_RE = re.compile(r"-?(?:\d+/\d+|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+_TRAILING_PERIOD_RE = re.compile(r"(?<!\\)[.\s]+$")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """An answer found in a completion, and where it was found (a `SOURCE_*`)."""
+
+    answer: str
+    source: str
 
 
 def _balanced_group(text: str, open_at: int) -> str | None:
@@ -59,14 +95,19 @@ def _balanced_group(text: str, open_at: int) -> str | None:
     return None
 
 
+def _skip_blanks(text: str, i: int) -> int:
+    """The first position at or after `i` that is not a space or tab."""
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    return i
+
+
 def extract_boxed_answers(text: str) -> list[str]:
     """Every complete, non-empty `\\boxed`/`\\fbox` content in `text`, in order of appearance."""
     answers = []
     for match in _BOX_RE.finditer(text):
         i = match.end()
-        j = i
-        while j < len(text) and text[j] in " \t":
-            j += 1
+        j = _skip_blanks(text, i)
         if j < len(text) and text[j] == "{":
             content = _balanced_group(text, j)
         elif j > i:
@@ -84,6 +125,133 @@ def extract_boxed_answer(text: str) -> str | None:
     """The final answer: the last complete, non-empty box in `text`; None when there is none."""
     answers = extract_boxed_answers(text)
     return answers[-1] if answers else None
+
+
+def _drop_trailing_period(answer: str) -> str:
+    """`answer` without trailing periods and whitespace: `10.` -> `10` (`10.5`, `.5` stay).
+
+    Models end a boxed answer with the sentence's period (`\\boxed{10.}`); the harness drops
+    it, and math_verify reads `10.` as no number at all.
+    """
+    return _TRAILING_PERIOD_RE.sub("", answer.strip())
+
+
+def _clean_loose_answer(answer: str) -> str | None:
+    """A fallback answer without its `$` delimiters and trailing period; None if empty."""
+    cleaned = _drop_trailing_period(_drop_trailing_period(answer).strip("$"))
+    return cleaned or None
+
+
+def _unclosed_last_box(text: str) -> str | None:
+    """The content of the last `\\boxed{` (or `\\fbox{`) when it never closes, to the end."""
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return None
+    j = _skip_blanks(text, matches[-1].end())
+    if j >= len(text) or text[j] != "{" or _balanced_group(text, j) is not None:
+        return None
+    return _clean_loose_answer(text[j + 1 :])
+
+
+def _answer_is_phrase(text: str) -> str | None:
+    """What follows the last "the answer is" (or "final answer is"): the delimited math
+    right after it (`$...$`, `\\(...\\)`), else the rest of its sentence or line."""
+    matches = list(_ANSWER_IS_RE.finditer(text))
+    if not matches:
+        return None
+    line = text[matches[-1].end() :].lstrip().split("\n", 1)[0]
+    math = _DELIMITED_MATH_RE.match(line)
+    phrase = math.group(1) if math else _SENTENCE_END_RE.split(line, maxsplit=1)[0]
+    return _clean_loose_answer(phrase)
+
+
+def _last_number(text: str) -> str | None:
+    """The last integer, decimal or simple fraction (`-3`, `1,000`, `2.5`, `3/4`) in `text`."""
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def locate_answer(text: str, fallback: bool = False) -> Extraction | None:
+    """The final answer of a completion and its source; None when there is none.
+
+    The last complete box first. Without one, strict extraction (`fallback=False`, this
+    project's default) finds no answer; `fallback=True` reads the completion as the
+    Qwen2.5-Math harness does: an unclosed last box (a completion cut off inside it), then
+    the last "the answer is ...", then the last number in the text.
+    """
+    boxed = extract_boxed_answer(text)
+    if boxed is not None:
+        return Extraction(boxed, SOURCE_BOXED)
+    if not fallback:
+        return None
+    for source, find in (
+        (SOURCE_UNCLOSED_BOX, _unclosed_last_box),
+        (SOURCE_ANSWER_IS, _answer_is_phrase),
+        (SOURCE_LAST_NUMBER, _last_number),
+    ):
+        answer = find(text)
+        if answer is not None:
+            return Extraction(answer, source)
+    return None
+
+
+def extract_answer(text: str, fallback: bool = False) -> str | None:
+    """The final answer of a completion (see `locate_answer`); None when there is none."""
+    found = locate_answer(text, fallback)
+    return found.answer if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical form: what both answers are compared as
+# ---------------------------------------------------------------------------------------------
+
+_TEXT_GROUP_RE = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|mbox)(?![A-Za-z])\s*\{"
+)
+_TEX_TOKEN_RE = re.compile(r"\\[A-Za-z]+|\\.|\s+|.", re.DOTALL)
+_SPACING_COMMANDS = frozenset(
+    {"\\,", "\\!", "\\;", "\\:", "\\>", "\\ ", "\\\t", "\\\n", "\\quad", "\\qquad", "~"}
+)
+_CONTROL_WORD_RE = re.compile(r"\\[A-Za-z]+")
+
+
+def _squeeze_spaces(latex: str) -> str:
+    """`latex` without whitespace and spacing commands (`\\,` `\\quad` `~` ...), text groups
+    (`\\text{...}`, `\\mbox{...}`) kept with their inner whitespace collapsed to one space.
+
+    A space stays where TeX needs it, between a control word and a letter (`\\pi r`, not
+    `\\pir`).
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(latex):
+        text_group = _TEXT_GROUP_RE.match(latex, i)
+        if text_group:
+            brace = text_group.end() - 1
+            content = _balanced_group(latex, brace)
+            inner = latex[brace + 1 :] if content is None else content
+            closing = "" if content is None else "}"
+            token = latex[i:brace] + "{" + re.sub(r"\s+", " ", inner) + closing
+            i = brace + 1 + len(inner) + len(closing)
+        else:
+            token = _TEX_TOKEN_RE.match(latex, i).group(0)
+            i += len(token)
+            if token.isspace() or token in _SPACING_COMMANDS:
+                continue
+        if out and token[0].isalpha() and _CONTROL_WORD_RE.fullmatch(out[-1]):
+            out.append(" ")
+        out.append(token)
+    return "".join(out)
+
+
+def canonical_answer(answer: str) -> str:
+    """The form both answers are compared in: spaces squeezed, trailing period dropped.
+
+    The Qwen2.5-Math harness strips a trailing period and every space before it compares;
+    so `\\boxed{10.}` is 10, and `e^{2 i t}` is `e^{2it}` (math_verify reads `2 i t` as
+    `2 i`). As there, `1 2` is `12`.
+    """
+    return _drop_trailing_period(_squeeze_spaces(answer))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,12 +362,15 @@ class Judgement:
 def judge_answer(gold: str, prediction: str | None, timeout_seconds: int = 5) -> Judgement:
     """Judge one extracted prediction in this process (math_verify first, then the fallback).
 
-    Runs math_verify's `signal.alarm` timeouts, so call it from the main thread; a
-    computation that ignores the alarm is only bounded by `EquivalenceJudge`.
+    Both answers are compared in their `canonical_answer` form. Runs math_verify's
+    `signal.alarm` timeouts, so call it from the main thread; a computation that ignores the
+    alarm is only bounded by `EquivalenceJudge`.
     """
     if prediction is None:
         return Judgement(False, JUDGE_NO_ANSWER)
     from math_verify.errors import TimeoutException
+
+    gold, prediction = canonical_answer(gold), canonical_answer(prediction)
 
     try:
         verdict = math_verify_equal(gold, prediction, timeout_seconds)

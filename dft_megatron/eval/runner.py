@@ -12,7 +12,10 @@ A cache only serves the settings that made it: `<output-dir>/generation.json` re
 model, template, temperature, top-p, max new tokens and seed, and every cached completion
 the SHA-1 of its prompt; a mismatch stops the run with a message instead of mixing samples.
 The number of samples is not part of it: raising `--num-samples` generates only the new
-ones, lowering it scores the first k.
+ones, lowering it scores the first k. Nor is the answer extraction (`answer_extraction`:
+`boxed`, the strict default, or `boxed+harness-fallback`, the Qwen2.5-Math harness's reading
+of completions without a box; see dft_megatron.eval.answers): rerunning with the other one
+rescores the cached completions, and `results.json` names the one used.
 
 Reproducibility: a batch's sampling seed derives from `--seed`, the benchmark and its first
 (problem, sample) pair, so a rerun of the same pending pairs with the same batch size
@@ -33,10 +36,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dft_megatron.eval.answers import (
+    ANSWER_EXTRACTION_BOXED,
+    ANSWER_EXTRACTION_FALLBACK,
+    ANSWER_EXTRACTIONS,
     JUDGE_FALLBACK,
     JUDGE_NO_ANSWER,
+    SOURCE_BOXED,
     EquivalenceJudge,
-    extract_boxed_answer,
+    locate_answer,
 )
 from dft_megatron.eval.backends import GenerationBackend, SamplingConfig
 from dft_megatron.eval.benchmarks import Problem, load_benchmark
@@ -77,9 +84,17 @@ class EvalConfig:
     """Processes that run math_verify."""
     judge_timeout_s: int = 5
     """math_verify's own timeout per parse and comparison (its worker is killed at 4x)."""
+    answer_extraction: str = ANSWER_EXTRACTION_BOXED
+    """`boxed`: the last complete box, else no answer; `boxed+harness-fallback`: without a
+    box, the Qwen2.5-Math harness's fallbacks (unclosed box, "the answer is", last number)."""
 
     def validate(self) -> None:
         get_prompt_template(self.prompt_template)
+        if self.answer_extraction not in ANSWER_EXTRACTIONS:
+            raise ValueError(
+                f"answer_extraction must be one of {', '.join(ANSWER_EXTRACTIONS)}, "
+                f"got {self.answer_extraction!r}"
+            )
         if self.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.temperature < 0:
@@ -248,16 +263,23 @@ def score_benchmark(
     num_samples: int,
     judge: EquivalenceJudge,
     samples_path: Path,
+    answer_extraction: str = ANSWER_EXTRACTION_BOXED,
 ) -> dict:
-    """Judge every sample, write them to `samples_path`, and return the benchmark's metrics."""
+    """Judge every sample, write them to `samples_path`, and return the benchmark's metrics.
+
+    Each sample row says where its answer came from (`answer_source`: `boxed`, a harness
+    fallback's source, or null when none was found).
+    """
     keys = [(pi, si) for pi in range(len(problems)) for si in range(num_samples)]
-    predictions = [extract_boxed_answer(completions[key]["completion"]) for key in keys]
+    fallback = answer_extraction == ANSWER_EXTRACTION_FALLBACK
+    found = [locate_answer(completions[key]["completion"], fallback) for key in keys]
+    predictions = [x.answer if x else None for x in found]
     verdicts = judge.judge_many(
         [(problems[pi].answer, pred) for (pi, _), pred in zip(keys, predictions, strict=True)]
     )
     correct = [[False] * num_samples for _ in problems]
     with samples_path.open("w", encoding="utf-8") as f:
-        for (pi, si), pred, v in zip(keys, predictions, verdicts, strict=True):
+        for (pi, si), pred, x, v in zip(keys, predictions, found, verdicts, strict=True):
             correct[pi][si] = v.correct
             rec = completions[(pi, si)]
             row = {
@@ -265,6 +287,7 @@ def score_benchmark(
                 "sample_index": si,
                 "gold": problems[pi].answer,
                 "prediction": pred,
+                "answer_source": x.source if x else None,
                 "correct": v.correct,
                 "judge": v.judge,
                 "finish_reason": rec["finish_reason"],
@@ -274,6 +297,7 @@ def score_benchmark(
                 row["judge_detail"] = v.detail
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     n = len(keys)
+    num_fallback_answers = sum(x is not None and x.source != SOURCE_BOXED for x in found)
     metrics = {
         f"avg@{num_samples}": avg_at_k(correct),
         "pass@k": {str(k): mean_pass_at_k(correct, k) for k in default_ks(num_samples)},
@@ -281,6 +305,7 @@ def score_benchmark(
         "samples_per_problem": num_samples,
         "num_samples": n,
         "no_answer_fraction": sum(v.judge == JUDGE_NO_ANSWER for v in verdicts) / n,
+        "fallback_answer_fraction": num_fallback_answers / n,
         "truncated_fraction": sum(completions[k]["finish_reason"] == "length" for k in keys) / n,
         "fallback_judged_fraction": sum(v.judge == JUDGE_FALLBACK for v in verdicts) / n,
         "mean_completion_tokens": sum(completions[k]["num_tokens"] for k in keys) / n,
@@ -292,7 +317,12 @@ def average_metrics(per_benchmark: dict[str, dict], num_samples: int) -> dict:
     """Unweighted mean over benchmarks of avg@k, pass@k and the fractions."""
     vals = list(per_benchmark.values())
     avg_key = f"avg@{num_samples}"
-    fractions = ("no_answer_fraction", "truncated_fraction", "fallback_judged_fraction")
+    fractions = (
+        "no_answer_fraction",
+        "fallback_answer_fraction",
+        "truncated_fraction",
+        "fallback_judged_fraction",
+    )
     out = {
         "num_benchmarks": len(vals),
         avg_key: sum(v[avg_key] for v in vals) / len(vals),
@@ -340,6 +370,7 @@ def run_evaluation(
                 config.num_samples,
                 judge,
                 output_dir / f"{name}.samples.jsonl",
+                config.answer_extraction,
             )
             metrics["path"] = str(benchmarks[name])
             per_benchmark[name] = metrics
@@ -356,7 +387,8 @@ def run_evaluation(
 
 
 def format_results_table(results: dict) -> str:
-    """A plain-text table of the results in percent (the paper's unit)."""
+    """A plain-text table of the results in percent (the paper's unit), and the answer
+    extraction that scored them."""
     k = results["settings"]["num_samples"]
     avg_key = f"avg@{k}"
     ks = list(results["average"]["pass@k"])
@@ -382,4 +414,5 @@ def format_results_table(results: dict) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    extraction = f"answer extraction: {results['settings']['answer_extraction']}"
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), extraction])

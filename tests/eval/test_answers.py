@@ -2,7 +2,9 @@
 
 References: the expected values are hand-written (what a grader of the MATH benchmark
 accepts). Equivalence runs the real math_verify; the fallback is tested on its own and
-through the worker pool's hard timeout on an input that math_verify cannot finish.
+through the worker pool's hard timeout on an input that math_verify cannot finish. The
+trailing-period, whitespace and answer-fallback cases are the ways the Qwen2.5-Math
+harness's verdicts differed from ours (its verdicts are the references there).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from dft_megatron.eval.answers import (
     JUDGE_FALLBACK,
     JUDGE_MATH_VERIFY,
     JUDGE_NO_ANSWER,
+    SOURCE_ANSWER_IS,
+    SOURCE_BOXED,
+    SOURCE_LAST_NUMBER,
+    SOURCE_UNCLOSED_BOX,
     EquivalenceJudge,
+    Extraction,
     Judgement,
+    canonical_answer,
+    extract_answer,
     extract_boxed_answer,
     judge_answer,
+    locate_answer,
     normalize_answer,
     normalized_equal,
 )
@@ -98,6 +108,65 @@ def test_not_equivalent_by_math_verify(gold, pred):
     assert verdict.judge == JUDGE_MATH_VERIFY, verdict
 
 
+# Judged wrong before, right by the harness: a trailing period, whitespace inside LaTeX.
+HARNESS_EQUIVALENT = [
+    ("10", "10."),  # `\boxed{10.}`
+    ("10", "10. "),
+    ("\\frac{1}{2}", "0.5."),
+    ("\\pi", "\\pi ."),
+    ("e^{2it}", "e^{2 i t}"),
+    ("e^{2it}", "e^{2\\,i\\,t}"),
+    ("12", "1 2"),  # the harness strips every space
+    ("1000000", "1 000 000"),
+]
+
+# Must stay wrong: decimals keep their point, spacing does not hide a difference.
+HARNESS_NOT_EQUIVALENT = [
+    ("10", "10.5"),
+    ("5", ".5"),
+    ("10", "100."),
+    ("12", "1.2"),
+    ("e^{2it}", "e^{-2 i t}"),
+    ("\\pi r^2", "\\pi^2 r"),
+]
+
+
+@pytest.mark.parametrize(("gold", "pred"), HARNESS_EQUIVALENT)
+def test_equivalent_up_to_trailing_period_and_spaces(gold, pred):
+    verdict = judge_answer(gold, pred)
+    assert verdict.correct, verdict
+    assert verdict.judge == JUDGE_MATH_VERIFY, verdict
+
+
+@pytest.mark.parametrize(("gold", "pred"), HARNESS_NOT_EQUIVALENT)
+def test_not_equivalent_despite_trailing_period_and_spaces(gold, pred):
+    verdict = judge_answer(gold, pred)
+    assert not verdict.correct, verdict
+    assert verdict.judge == JUDGE_MATH_VERIFY, verdict
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("10.", "10"),
+        ("10. . ", "10"),
+        ("10.5", "10.5"),  # a decimal point is not a trailing period
+        (".5", ".5"),
+        ("\\frac {1} {2}", "\\frac{1}{2}"),
+        ("x ^ 2 + 1", "x^2+1"),
+        ("10\\,000\\quad", "10000"),
+        ("10.\\quad", "10"),  # the period is trailing once the spacing is gone
+        ("2 \\pi\\, r", "2\\pi r"),  # TeX needs the space between `\\pi` and `r`
+        ("\\sin  x", "\\sin x"),
+        ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+        ("5 \\text{ square  feet }", "5\\text{ square feet }"),  # words stay apart
+        ("\\text{no\nsolution}", "\\text{no solution}"),
+    ],
+)
+def test_canonical_answer(raw, canonical):
+    assert canonical_answer(raw) == canonical
+
+
 def test_no_answer_is_wrong():
     assert judge_answer("5", None).judge == JUDGE_NO_ANSWER
     assert not judge_answer("5", None).correct
@@ -106,6 +175,49 @@ def test_no_answer_is_wrong():
 def test_end_to_end_completion_to_verdict():
     completion = "We get $x = \\dfrac{2}{4}$, so \\boxed{\\dfrac{1}{2}}. Hmm, \\boxed{0.5}."
     assert judge_answer("\\frac{1}{2}", extract_boxed_answer(completion)).correct
+    assert judge_answer("10", extract_boxed_answer("Hence $\\boxed{10.}$")).correct
+
+
+FALLBACK_CASES = [
+    # (completion, answer with fallback=True, its source); strict extraction finds none.
+    ("We get \\boxed{\\frac{1}{2", "\\frac{1}{2", SOURCE_UNCLOSED_BOX),  # cut off in the box
+    ("The answer is $\\boxed{5", "5", SOURCE_UNCLOSED_BOX),  # the box before the phrase
+    ("So the answer is $\\frac{1}{2}$. Done.", "\\frac{1}{2}", SOURCE_ANSWER_IS),
+    ("Therefore, the final answer is: 42.\nCheck: 6 * 7 = 42.", "42", SOURCE_ANSWER_IS),
+    ("The answer is 3.5. Check: 7 / 2, 2 people.", "3.5", SOURCE_ANSWER_IS),  # not the last 2
+    ("The answer is\n\n$$12$$", "12", SOURCE_ANSWER_IS),
+    ("I got 3, then -4/5.", "-4/5", SOURCE_LAST_NUMBER),
+    ("It costs 1,250 dollars", "1250", SOURCE_LAST_NUMBER),
+    ("so x is .5", ".5", SOURCE_LAST_NUMBER),
+]
+
+
+@pytest.mark.parametrize(("text", "answer", "source"), FALLBACK_CASES)
+def test_harness_fallback_extraction(text, answer, source):
+    assert locate_answer(text, fallback=True) == Extraction(answer, source)
+    assert extract_answer(text, fallback=True) == answer
+    assert extract_answer(text) is None  # the strict default: no box, no answer
+    assert locate_answer(text) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["The answer is 3, so \\boxed{4}.", "\\boxed{4} then \\boxed{\\frac{1}{2"],
+)
+def test_a_complete_box_wins_with_or_without_fallback(text):
+    assert locate_answer(text) == Extraction("4", SOURCE_BOXED)
+    assert locate_answer(text, fallback=True) == Extraction("4", SOURCE_BOXED)
+
+
+@pytest.mark.parametrize("text", ["No numbers here.", "the answer is ."])
+def test_fallback_finds_nothing_without_a_candidate(text):
+    assert extract_answer(text, fallback=True) is None
+
+
+def test_fallback_answer_end_to_end():
+    completion = "Half of one is one half, so the answer is $\\dfrac{1}{2}$."
+    assert not judge_answer("\\frac{1}{2}", extract_answer(completion)).correct
+    assert judge_answer("\\frac{1}{2}", extract_answer(completion, fallback=True)).correct
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ other four (it writes no box: no answer). Reference values are hand-computed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -54,8 +55,15 @@ def _write_bench(tmp_path: Path) -> Path:
     return path
 
 
-def _seed_cache(out: Path, tokenizer, config: EvalConfig) -> None:
-    """Hand-written completions for (problem 0, sample 0) and (problem 1, sample 1)."""
+SEEDED = [
+    (0, 0, "Half of one is $0.5$, i.e. $\\boxed{\\dfrac{1}{2}}$."),  # right
+    (1, 1, "A triangle has \\boxed{4} sides."),  # wrong
+]
+
+
+def _seed_cache(out: Path, tokenizer, config: EvalConfig, records=SEEDED) -> None:
+    """Hand-written (problem, sample, completion) records, by default (problem 0, sample 0)
+    and (problem 1, sample 1), then a torn last line."""
     template = get_prompt_template(config.prompt_template)
 
     def sha(i):
@@ -63,10 +71,6 @@ def _seed_cache(out: Path, tokenizer, config: EvalConfig) -> None:
             template.render(ROWS[i].get("problem") or ROWS[i]["question"], tokenizer).encode()
         ).hexdigest()
 
-    records = [
-        (0, 0, "Half of one is $0.5$, i.e. $\\boxed{\\dfrac{1}{2}}$."),  # right
-        (1, 1, "A triangle has \\boxed{4} sides."),  # wrong
-    ]
     out.mkdir(parents=True, exist_ok=True)
     with (out / "tiny.completions.jsonl").open("w") as f:
         for pi, si, text in records:
@@ -132,6 +136,51 @@ def test_runner_end_to_end_with_resume(tmp_path, tiny_model, tiny_tokenizer):
     assert results3["benchmarks"]["tiny"]["num_samples"] == 9
 
 
+def test_runner_names_the_answer_extraction_and_rescores_with_it(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    """All three completions are cached, two without a complete box: strict extraction
+    scores one right answer, the harness fallback three, from the same cache."""
+    bench = _write_bench(tmp_path)
+    out = tmp_path / "out"
+    strict = EvalConfig(num_samples=1, judge_workers=1)
+    records = [
+        (0, 0, "Half of one is $\\boxed{\\frac{1}{2}.}$"),  # right either way
+        (1, 0, "Count the sides: the answer is $3$."),
+        (2, 0, "Two times five is \\boxed{10"),  # cut off inside the box
+    ]
+    _seed_cache(out, tiny_tokenizer, strict, records)
+    backend = CountingBackend(tiny_model, tiny_tokenizer, model_id="tiny")
+
+    boxed = run_evaluation(backend, {"tiny": bench}, out, strict)
+    assert boxed["settings"]["answer_extraction"] == "boxed"
+    m = boxed["benchmarks"]["tiny"]
+    assert m["avg@1"] == pytest.approx(1 / 3, abs=1e-12)
+    assert m["no_answer_fraction"] == pytest.approx(2 / 3, abs=1e-12)
+    assert m["fallback_answer_fraction"] == 0.0
+    assert "answer extraction: boxed" in format_results_table(boxed)
+
+    loose_config = dataclasses.replace(strict, answer_extraction="boxed+harness-fallback")
+    loose = run_evaluation(backend, {"tiny": bench}, out, loose_config)
+    assert backend.calls == 0  # rescored from the cache
+    m = loose["benchmarks"]["tiny"]
+    assert m["avg@1"] == 1.0 and m["no_answer_fraction"] == 0.0
+    assert m["fallback_answer_fraction"] == pytest.approx(2 / 3, abs=1e-12)
+    assert loose["average"]["fallback_answer_fraction"] == m["fallback_answer_fraction"]
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["settings"]["answer_extraction"] == "boxed+harness-fallback"
+    assert "answer extraction: boxed+harness-fallback" in format_results_table(loose)
+    samples = [json.loads(x) for x in (out / "tiny.samples.jsonl").read_text().splitlines()]
+    assert [(r["prediction"], r["answer_source"]) for r in samples] == [
+        ("\\frac{1}{2}.", "boxed"),
+        ("3", "answer_is"),
+        ("10", "unclosed_box"),
+    ]
+
+    with pytest.raises(ValueError, match="answer_extraction must be one of boxed, "):
+        run_evaluation(backend, {"tiny": bench}, out, EvalConfig(answer_extraction="loose"))
+
+
 def test_runner_refuses_a_cache_from_other_settings(tmp_path, tiny_model, tiny_tokenizer):
     bench = _write_bench(tmp_path)
     out = tmp_path / "out"
@@ -168,6 +217,7 @@ def test_cli_on_a_saved_model(tmp_path, tiny_model, tiny_tokenizer, capsys):
         "--max-problems", "2",
         "--backend", "auto",
         "--judge-workers", "1",
+        "--answer-fallback",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -175,5 +225,6 @@ def test_cli_on_a_saved_model(tmp_path, tiny_model, tiny_tokenizer, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["settings"]["backend"] == "TransformersBackend"  # no vLLM / GPU here
     assert results["benchmarks"]["tiny"]["num_problems"] == 2
+    assert results["settings"]["answer_extraction"] == "boxed+harness-fallback"
     assert cli.main([*argv[:2], "--benchmarks", "bad", *argv[4:]]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
