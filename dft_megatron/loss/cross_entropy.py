@@ -45,6 +45,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from dft_megatron.loss.distribution import kl_from_partials, reference_partials, topk_entropy
 from dft_megatron.loss.weights import TokenWeighting
 
 IGNORE_INDEX = -100
@@ -67,6 +68,10 @@ class DFTLossStats(NamedTuple):
 
     cross_entropy: torch.Tensor
     """[s, b] (or [tokens]) plain (unweighted) cross-entropy -log p; 0 where ignored."""
+
+    kl: torch.Tensor | None = None
+    """[s, b] (or [tokens]) KL(pi_ref || pi_theta) per token (asft, with reference logits);
+    0 where ignored; None without a reference."""
 
 
 def _group_size_and_rank(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -99,18 +104,43 @@ def _sum_exp_times_logit(exp_logits: torch.Tensor) -> torch.Tensor:
 class _VocabParallelDFTCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, vocab_parallel_logits, target, ignored, weighting, tp_group, return_stats, entropy
+        ctx,
+        vocab_parallel_logits,
+        target,
+        ignored,
+        weighting: TokenWeighting,
+        tp_group,
+        return_stats,
+        entropy,
+        token_scale,
+        ref_logits,
     ):
         # [*, v/tp] -> fp32 [*, v/tp] (the input itself when already fp32 or fp64)
-        logits = vocab_parallel_logits
-        if logits.dtype not in (torch.float32, torch.float64):
-            logits = logits.float()
+        logits = _accumulation_dtype(vocab_parallel_logits)
+        vocab = logits.size(-1)
+        topk_h = None
+        if weighting.needs_topk_entropy:  # before the logits become exp() in place
+            topk_h = topk_entropy(logits.view(-1, vocab), weighting.eaft_topk, tp_group)
         logits_max = logits.max(dim=-1)[0]  # [*]
-        _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+        ref = ref_max = None
+        partials = []
+        if ref_logits is not None:
+            ref = _accumulation_dtype(ref_logits)
+            maxes = torch.stack([logits_max, ref.max(dim=-1)[0]])  # one MAX all-reduce for both
+            _all_reduce(maxes, dist.ReduceOp.MAX, tp_group)
+            logits_max, ref_max = maxes[0], maxes[1]
+            # e^{r - M_r} in place, and its cross sum with the raw policy logits
+            ref.sub_(ref_max.unsqueeze(-1)).exp_()
+            cross = reference_partials(
+                ref.view(-1, vocab), ref_max.reshape(-1), logits.view(-1, vocab)
+            )
+            partials += [ref.sum(dim=-1), cross.view(ref.shape[:-1])]
+        else:
+            _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
 
         tp_size, tp_rank = _group_size_and_rank(tp_group)
         vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(
-            logits.size(-1), tp_rank, tp_size
+            vocab, tp_rank, tp_size
         )
         # After this step `logits` holds exp(z - max); predicted_logits and sum_exp are
         # this shard's partial values, [*] each.
@@ -119,10 +149,10 @@ class _VocabParallelDFTCrossEntropy(torch.autograd.Function):
                 logits, target, logits_max, vocab_start, vocab_end
             )
         )
-        partials = [predicted_logits, sum_exp]
+        partials = [predicted_logits, sum_exp] + partials
         if return_stats and entropy:
             partials.append(_sum_exp_times_logit(exp_logits))
-        partials = torch.stack(partials)  # [2 or 3, *]
+        partials = torch.stack(partials)  # [2 to 5, *]
         _all_reduce(partials, dist.ReduceOp.SUM, tp_group)
         predicted_logits, sum_exp = partials[0], partials[1]
 
@@ -131,29 +161,59 @@ class _VocabParallelDFTCrossEntropy(torch.autograd.Function):
             exp_logits, predicted_logits, sum_exp
         )
         target_prob = torch.exp(-ce).masked_fill_(ignored, 0.0)
-        weight = weighting(target_prob).masked_fill_(ignored, 0.0)
-        loss = (weight * ce).masked_fill_(ignored, 0.0)
+        if topk_h is not None:
+            topk_h = topk_h.view(ce.shape)
+        loss, scale = weighting.terms(target_prob, ce, topk_h)
+        if token_scale is not None:
+            loss, scale = loss * token_scale, scale * token_scale
+        loss, scale = loss.masked_fill_(ignored, 0.0), scale.masked_fill_(ignored, 0.0)
+        kl = None
+        if ref is not None:
+            ref_sum_exp, cross = partials[2], partials[3]
+            kl = kl_from_partials(cross, ref_sum_exp, ref_max, sum_exp, logits_max)
+            kl = kl.masked_fill_(ignored, 0.0)
+            loss = loss + weighting.kl_coeff * kl
+            ref.div_(ref_sum_exp.unsqueeze(-1))  # q, in place, for backward
 
-        ctx.save_for_backward(softmax, target_mask, masked_target_1d, weight)
+        ctx.save_for_backward(softmax, target_mask, masked_target_1d, scale, ref, ignored)
+        ctx.kl_coeff = weighting.kl_coeff
         if not return_stats:
             return loss
-        # Without the entropy: an empty placeholder (the wrapper returns None for it).
-        entropy = torch.log(sum_exp) - partials[2] / sum_exp if entropy else ce.new_empty(0)
+        # Without the entropy (or the KL): empty placeholders (the wrapper returns None).
+        entropy = torch.log(sum_exp) - partials[-1] / sum_exp if entropy else ce.new_empty(0)
         ce = ce.masked_fill_(ignored, 0.0)
-        ctx.mark_non_differentiable(target_prob, entropy, ce)
-        return loss, target_prob, entropy, ce
+        kl = kl if kl is not None else ce.new_empty(0)
+        ctx.mark_non_differentiable(target_prob, entropy, ce, kl)
+        return loss, target_prob, entropy, ce, kl
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        softmax, target_mask, masked_target_1d, weight = ctx.saved_tensors
+        softmax, target_mask, masked_target_1d, scale, q, ignored = ctx.saved_tensors
         grad_2d, arange_1d, softmax_update, grad_input = (
             VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
         )
-        # grad = w * (softmax - onehot) * grad_loss, written into the softmax buffer.
+        # grad = scale * (softmax - onehot) * grad_loss, written into the softmax buffer; the
+        # KL term adds lambda * grad_loss * (softmax - q).
+        row_scale = grad_loss * scale
+        kl_scale = None
+        if q is not None:
+            kl_scale = (grad_loss * ctx.kl_coeff).masked_fill(ignored, 0.0)
+            row_scale = row_scale + kl_scale
         grad_input = VocabParallelCrossEntropy.calculate_gradients(
-            grad_2d, arange_1d, masked_target_1d, softmax_update, grad_input, grad_loss * weight
+            grad_2d, arange_1d, masked_target_1d, softmax_update, grad_input, row_scale
         )
-        return grad_input, None, None, None, None, None, None
+        if kl_scale is not None:
+            # (s + k)(softmax - onehot) + k (onehot - q) = s (softmax - onehot) + k (softmax - q)
+            grad_input.sub_(q * kl_scale.unsqueeze(-1))
+            grad_2d[arange_1d, masked_target_1d] += kl_scale.view(-1) * softmax_update
+        return grad_input, *([None] * 8)
+
+
+def _accumulation_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 (a copy) for half-precision logits; fp32 and fp64 logits as they are."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        return logits.float()
+    return logits
 
 
 def _default_tp_group() -> dist.ProcessGroup | None:
@@ -211,6 +271,49 @@ def prepare_inputs(
     return target.masked_fill(ignored, -1), ignored, tp_group
 
 
+def resolve_weighting(
+    weighting: TokenWeighting | None,
+    loss_type: str,
+    dft_min_prob: float,
+    dft_alpha: float,
+    sft_mix: float,
+) -> TokenWeighting:
+    """The objective of a loss entry: `weighting` when given (then the scalar arguments must
+    stay at their defaults), else the one the scalars describe."""
+    if weighting is None:
+        return TokenWeighting(loss_type, dft_min_prob, dft_alpha, sft_mix)
+    if (loss_type, dft_min_prob, dft_alpha, sft_mix) != ("dft", 0.0, 1.0, 0.0):
+        raise ValueError(
+            "give the objective either as weighting=TokenWeighting(...) or as loss_type / "
+            "dft_min_prob / dft_alpha / sft_mix, not both"
+        )
+    return weighting
+
+
+def token_scale(
+    token_weights: torch.Tensor | None,
+    target: torch.Tensor,
+    ignored: torch.Tensor,
+    logits_dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """[vocab] per-token-id weights and [*] targets (-1 where ignored) -> [*] per-token
+    multipliers of the objective (0 where ignored; fp32, fp64 for fp64 logits), or None
+    without a table."""
+    if token_weights is None:
+        return None
+    if token_weights.dim() != 1:
+        raise ValueError(f"token_weights must be [vocab], got shape {tuple(token_weights.shape)}")
+    high = int(target.max()) if target.numel() else -1
+    if high >= token_weights.numel():
+        raise ValueError(
+            f"token_weights has {token_weights.numel()} entries but a target id is {high}: "
+            "the table must cover the model's vocabulary"
+        )
+    dtype = torch.float64 if logits_dtype == torch.float64 else torch.float32
+    table = token_weights.to(device=target.device, dtype=dtype)
+    return table[target.clamp_min(0)].masked_fill_(ignored, 0.0)
+
+
 def vocab_parallel_dft_cross_entropy(
     vocab_parallel_logits: torch.Tensor,
     target: torch.Tensor,
@@ -224,8 +327,11 @@ def vocab_parallel_dft_cross_entropy(
     return_entropy: bool = True,
     *,
     fused: bool = False,
+    weighting: TokenWeighting | None = None,
+    token_weights: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, DFTLossStats]:
-    """Per-token DFT (or plain) cross-entropy of logits split over the vocabulary.
+    """Per-token DFT (or plain, or variant) cross-entropy of logits split over the vocabulary.
 
     Args:
         vocab_parallel_logits: [s, b, v/tp] or [tokens, v/tp] logits, fp32, bf16 or fp16;
@@ -250,26 +356,68 @@ def vocab_parallel_dft_cross_entropy(
             probability and CE for free.
         fused: the compiled kernels of loss/fused.py (see
             `fused_vocab_parallel_dft_cross_entropy`).
+        weighting: the objective as a `TokenWeighting` (every loss type of loss/weights.py),
+            instead of loss_type / dft_min_prob / dft_alpha / sft_mix.
+        token_weights: [vocab] weight per target token id (fp32; the per-token-id table),
+            multiplying the objective's loss and gradient (not the KL term).
+        ref_logits: asft only, required there: the reference model's logits, the same shape
+            and vocabulary shard as `vocab_parallel_logits`; the loss adds kl_coeff x
+            KL(pi_ref || pi_theta) per target token. Unfused only. fp32 reference logits are
+            overwritten in place (they become the reference's softmax, kept for backward).
 
     Returns:
         fp32 per-token loss with the target's shape ([s, b] or [tokens]); with
         `return_stats`, the pair (loss, DFTLossStats).
     """
-    weighting = TokenWeighting(loss_type, dft_min_prob, dft_alpha, sft_mix)
+    weighting = resolve_weighting(weighting, loss_type, dft_min_prob, dft_alpha, sft_mix)
     target, ignored, tp_group = prepare_inputs(
         vocab_parallel_logits.shape, vocab_parallel_logits.dtype, target, ignore_index, tp_group
     )
-    if fused:
-        from dft_megatron.loss.fused import fused_apply as apply
-    else:
-        apply = _VocabParallelDFTCrossEntropy.apply
-    out = apply(
-        vocab_parallel_logits, target, ignored, weighting, tp_group, return_stats, return_entropy
+    _check_reference(weighting, ref_logits, vocab_parallel_logits.shape, fused)
+    inputs = (
+        vocab_parallel_logits,
+        target,
+        ignored,
+        weighting,
+        tp_group,
+        return_stats,
+        return_entropy,
+        token_scale(token_weights, target, ignored, vocab_parallel_logits.dtype),
     )
+    if fused:
+        from dft_megatron.loss.fused import fused_apply
+
+        out = fused_apply(*inputs)
+    else:
+        out = _VocabParallelDFTCrossEntropy.apply(*inputs, ref_logits)
     if not return_stats:
         return out
-    loss, target_prob, entropy, ce = out
-    return loss, DFTLossStats(target_prob, entropy if return_entropy else None, ce)
+    loss, target_prob, entropy, ce, kl = out
+    return loss, DFTLossStats(
+        target_prob, entropy if return_entropy else None, ce, kl if ref_logits is not None else None
+    )
+
+
+def _check_reference(
+    weighting: TokenWeighting, ref_logits: torch.Tensor | None, shape: torch.Size, fused: bool
+) -> None:
+    if weighting.needs_reference and ref_logits is None:
+        raise ValueError("loss_type 'asft' needs the reference model's logits (ref_logits)")
+    if ref_logits is None:
+        return
+    if not weighting.needs_reference:
+        raise ValueError(
+            f"ref_logits given with loss_type {weighting.loss_type!r}; only asft uses them"
+        )
+    if fused:
+        raise ValueError(
+            "asft's KL term runs in the unfused loss only: drop --cross-entropy-loss-fusion"
+        )
+    if tuple(ref_logits.shape) != tuple(shape):
+        raise ValueError(
+            f"ref_logits shape {tuple(ref_logits.shape)} must equal the policy logits' "
+            f"{tuple(shape)} (the same tokens and vocabulary shard)"
+        )
 
 
 def fused_vocab_parallel_dft_cross_entropy(

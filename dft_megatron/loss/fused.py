@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron.core import jit
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from dft_megatron.loss.distribution import topk_entropy
 from dft_megatron.loss.weights import TokenWeighting
 
 
@@ -153,23 +154,32 @@ class TokenLoss(NamedTuple):
     sum_exp: torch.Tensor
     """sum_j exp(z_j - max), for backward (with the partials' row max)."""
     weight: torch.Tensor
-    """w(sg(p)), 0 where ignored, for backward."""
+    """The objective's dL/dCE per token (the weight w(sg(p)) of a weighted CE), 0 where
+    ignored, for backward."""
 
 
 def finish_forward(
-    partials: Partials, ignored: torch.Tensor, weighting: TokenWeighting
+    partials: Partials,
+    ignored: torch.Tensor,
+    weighting: TokenWeighting,
+    topk_entropy: torch.Tensor | None = None,
+    token_scale: torch.Tensor | None = None,
 ) -> TokenLoss:
-    """The per-token arithmetic after the all-reduces ([n]-sized, no vocabulary pass)."""
+    """The per-token arithmetic after the all-reduces ([n]-sized, no vocabulary pass):
+    the objective's loss and scale (loss/weights.py) from p and CE, times the per-token-id
+    weights where given."""
     target_z, sum_exp = partials.sums[0], partials.sums[1]
     log_sum_exp = torch.log(sum_exp)
     ce = (log_sum_exp - target_z).masked_fill_(ignored, 0.0)
     target_prob = torch.exp(-ce).masked_fill_(ignored, 0.0)
-    weight = weighting(target_prob).masked_fill_(ignored, 0.0)
+    loss, scale = weighting.terms(target_prob, ce, topk_entropy)
+    if token_scale is not None:
+        loss, scale = loss * token_scale, scale * token_scale
+    loss, scale = loss.masked_fill_(ignored, 0.0), scale.masked_fill_(ignored, 0.0)
     entropy = None
     if partials.sums.size(0) == 3:
         entropy = log_sum_exp - partials.sums[2] / sum_exp
-    loss = weight * ce
-    return TokenLoss(loss, ce, target_prob, entropy, sum_exp, weight)
+    return TokenLoss(loss, ce, target_prob, entropy, sum_exp, scale)
 
 
 def logits_grad_(
@@ -186,22 +196,29 @@ def logits_grad_(
 
 class _FusedVocabParallelDFTCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, ignored, weighting, tp_group, return_stats, entropy):
+    def forward(
+        ctx, logits, target, ignored, weighting, tp_group, return_stats, entropy, token_scale
+    ):
         # [*, v/tp] -> [n, v/tp]; target [*] global ids, -1 where ignored.
         shape = target.shape
         logits_2d = logits.view(-1, logits.size(-1))
         local_target = target.view(-1) - vocab_start(logits.size(-1), tp_group)
         ignored_1d = ignored.view(-1)
+        topk_h = None
+        if weighting.needs_topk_entropy:
+            topk_h = topk_entropy(logits_2d, weighting.eaft_topk, tp_group)
         partials = forward_partials(logits_2d, local_target, tp_group, return_stats and entropy)
-        out = finish_forward(partials, ignored_1d, weighting)
+        scale_1d = None if token_scale is None else token_scale.view(-1)
+        out = finish_forward(partials, ignored_1d, weighting, topk_h, scale_1d)
         ctx.save_for_backward(logits, local_target, partials.row_max, out.sum_exp, out.weight)
         loss = out.loss.view(shape)
         if not return_stats:
             return loss
         ent = out.entropy.view(shape) if out.entropy is not None else loss.new_empty(0)
         target_prob, ce = out.target_prob.view(shape), out.cross_entropy.view(shape)
-        ctx.mark_non_differentiable(target_prob, ent, ce)
-        return loss, target_prob, ent, ce
+        no_kl = loss.new_empty(0)
+        ctx.mark_non_differentiable(target_prob, ent, ce, no_kl)
+        return loss, target_prob, ent, ce, no_kl
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
@@ -209,13 +226,15 @@ class _FusedVocabParallelDFTCrossEntropy(torch.autograd.Function):
         logits_2d = logits.view(-1, logits.size(-1))
         scale = grad_loss.reshape(-1) * weight
         logits_grad_(logits_2d, row_max, sum_exp, local_target, scale)
-        return logits, None, None, None, None, None, None
+        return logits, *([None] * 7)
 
 
-def fused_apply(logits, target, ignored, weighting, tp_group, return_stats, return_entropy):
+def fused_apply(
+    logits, target, ignored, weighting, tp_group, return_stats, return_entropy, token_scale
+):
     """The autograd Function on validated inputs (see `fused_vocab_parallel_dft_cross_entropy`)."""
     if not logits.is_contiguous():
         logits = logits.contiguous()
     return _FusedVocabParallelDFTCrossEntropy.apply(
-        logits, target, ignored, weighting, tp_group, return_stats, return_entropy
+        logits, target, ignored, weighting, tp_group, return_stats, return_entropy, token_scale
     )

@@ -49,7 +49,14 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-from dft_megatron.loss.cross_entropy import IGNORE_INDEX, DFTLossStats, prepare_inputs
+from dft_megatron.loss.cross_entropy import (
+    IGNORE_INDEX,
+    DFTLossStats,
+    prepare_inputs,
+    resolve_weighting,
+    token_scale,
+)
+from dft_megatron.loss.distribution import topk_entropy
 from dft_megatron.loss.fused import finish_forward, forward_partials, logits_grad_, vocab_start
 from dft_megatron.loss.weights import TokenWeighting
 
@@ -90,6 +97,7 @@ class _ChunkedOutputLayerDFT(torch.autograd.Function):
         valid_columns: int,
         return_stats: bool,
         entropy: bool,
+        token_scale,  # [n] per-token-id weights, or None
     ):
         n = x.size(0)
         rows = (~ignored).nonzero().squeeze(1)  # the same on every TP rank, as the targets
@@ -102,10 +110,14 @@ class _ChunkedOutputLayerDFT(torch.autograd.Function):
         for start in range(0, m, chunk_tokens):
             part = slice(start, start + chunk_tokens)
             logits = _chunk_logits(x_rows[part], weight, valid_columns)
+            topk_h = None
+            if weighting.needs_topk_entropy:
+                topk_h = topk_entropy(logits, weighting.eaft_topk, tp_group)
             partials = forward_partials(logits, local_target[part], tp_group, entropy)
             del logits
             none_ignored = torch.zeros_like(partials.row_max, dtype=torch.bool)
-            out = finish_forward(partials, none_ignored, weighting)
+            chunk_scale = None if token_scale is None else token_scale[rows[part]]
+            out = finish_forward(partials, none_ignored, weighting, topk_h, chunk_scale)
             row_max[part], sum_exp[part], w[part] = partials.row_max, out.sum_exp, out.weight
             index = rows[part]
             loss[index], ce[index], prob[index] = out.loss, out.cross_entropy, out.target_prob
@@ -146,7 +158,7 @@ class _ChunkedOutputLayerDFT(torch.autograd.Function):
             del logits, grad_logits
         grad_x = x_rows.new_zeros(ctx.n, x_rows.size(-1))
         grad_x.index_copy_(0, rows, grad_rows.to(x_rows.dtype))
-        return grad_x, _weight_grad(weight, wgrad), *([None] * 8)
+        return grad_x, _weight_grad(weight, wgrad), *([None] * 9)
 
 
 def _weight_grad(weight: torch.Tensor, wgrad: torch.Tensor | None) -> torch.Tensor | None:
@@ -178,6 +190,9 @@ def chunked_output_layer_dft_cross_entropy(
     unpadded_vocab_size: int | None = None,
     return_stats: bool = False,
     return_entropy: bool = True,
+    *,
+    weighting: TokenWeighting | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, DFTLossStats]:
     """Per-token DFT loss of `hidden @ weight.T` without materializing the logits.
 
@@ -193,6 +208,8 @@ def chunked_output_layer_dft_cross_entropy(
         chunk_tokens: rows of logits computed at a time (> 0).
         unpadded_vocab_size: the tokenizer's vocabulary (global); columns at or above it
             (padding to a multiple of TP) take no part. Default: all v/tp x TP columns.
+        weighting, token_weights: as in `vocab_parallel_dft_cross_entropy` (every loss type
+            but asft, whose reference logits this path does not compute).
 
     Returns:
         fp32 per-token loss [s, b]; with `return_stats`, (loss, DFTLossStats), each [s, b].
@@ -204,11 +221,17 @@ def chunked_output_layer_dft_cross_entropy(
             f"hidden must be [s, b, h] and weight [v/tp, h] with the same h; got hidden "
             f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}"
         )
-    weighting = TokenWeighting(loss_type, dft_min_prob, dft_alpha, sft_mix)
+    weighting = resolve_weighting(weighting, loss_type, dft_min_prob, dft_alpha, sft_mix)
+    if weighting.needs_reference:
+        raise ValueError(
+            "asft's KL term needs the reference's logits, which the chunked output layer does "
+            "not compute: drop --dft-chunked-output-layer"
+        )
     shard = weight.size(0)
     target, ignored, tp_group = prepare_inputs(
         torch.Size((*target.shape, shard)), weight.dtype, target, ignore_index, tp_group
     )
+    scale = token_scale(token_weights, target, ignored, weight.dtype)
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     expected = target.size(0) // tp if sequence_parallel else target.size(0)
     if hidden.shape[:2] != (expected, target.size(1)):
@@ -237,6 +260,7 @@ def chunked_output_layer_dft_cross_entropy(
         valid_columns,
         return_stats,
         return_stats and return_entropy,
+        None if scale is None else scale.view(-1),
     )
     if not return_stats:
         return out.view(s, b)
