@@ -182,6 +182,10 @@ class DFTGPTModel(GPTModel):
     stage only); otherwise `last_loss_stats` is None. The target probability and CE in them
     are free; the entropy costs one more pass over the softmax, so the trainer sets
     `collect_entropy` only for the steps it logs (entropy None otherwise).
+
+    The objective's extras: `token_weights` (a [vocab] table multiplying each target token's
+    loss, --token-weights) and, for asft, a frozen reference model (`attach_reference`) whose
+    logits give the KL term; its per-token KL is in `last_loss_stats.kl`.
     """
 
     def __init__(
@@ -198,6 +202,15 @@ class DFTGPTModel(GPTModel):
         self.collect_stats = True
         self.collect_entropy = True
         self.last_loss_stats: DFTLossStats | None = None
+        self.token_weights: torch.Tensor | None = None
+        """[vocab] per-token-id weights of the objective (--token-weights), or None."""
+        self.sft_mix_schedule = None
+        """The SFT -> objective schedule (loss/weights.SftMixSchedule), applied by the trainer's
+        forward step, or None."""
+        # The frozen reference of asft (`attach_reference`); kept out of the registered
+        # submodules, so that it is not trained, saved, wrapped or cast with this model.
+        object.__setattr__(self, "_reference", None)
+        self._ref_logits: torch.Tensor | None = None
         # GPTModel's `vocab_size` is the padded row count.
         self.unpadded_vocab_size = unpadded_vocab_size or self.vocab_size
         if self.unpadded_vocab_size > self.vocab_size:
@@ -220,13 +233,41 @@ class DFTGPTModel(GPTModel):
         if start < width:
             logits[..., start:].fill_(torch.finfo(logits.dtype).min)
 
+    @property
+    def reference(self) -> DFTGPTModel | None:
+        return self._reference
+
+    def attach_reference(self, reference: DFTGPTModel) -> None:
+        """Give this stage asft's frozen reference: the same stage of the reference model, in
+        the same layout. Every forward then runs it first under no_grad on the same inputs;
+        on the last stage its logits enter the loss's KL term, on the others its hidden
+        states travel with this model's to the next stage, concatenated along the batch
+        (the pipeline's messages are [s, 2b, h]; `variable_seq_lengths` must be set in the
+        config, so that the schedule exchanges their shapes)."""
+        if not self.loss_weighting.needs_reference:
+            raise ValueError(
+                f"a reference model is used by loss_type 'asft' only, not "
+                f"{self.loss_weighting.loss_type!r}"
+            )
+        reference.requires_grad_(False)
+        reference.eval()
+        reference.collect_stats = False
+        object.__setattr__(self, "_reference", reference)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        ref = self._reference
+        tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+        if ref is None or self.pre_process or tensor is None:
+            super().set_input_tensor(input_tensor)
+            return
+        mine, theirs = tensor.chunk(2, dim=1)  # [s, 2b, h] -> this model's, the reference's
+        super().set_input_tensor(mine)
+        ref.set_input_tensor(theirs)
+
     def _loss_kwargs(self) -> dict:
-        w = self.loss_weighting
         return dict(
-            loss_type=w.loss_type,
-            dft_min_prob=w.dft_min_prob,
-            dft_alpha=w.dft_alpha,
-            sft_mix=w.sft_mix,
+            weighting=self.loss_weighting,
+            token_weights=self.token_weights,
             tp_group=self.tp_group,
             return_stats=self.collect_stats,
             return_entropy=self.collect_entropy,
@@ -252,13 +293,28 @@ class DFTGPTModel(GPTModel):
             else vocab_parallel_dft_cross_entropy
         )
         target = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
-        loss = self._keep_stats(loss_fn(logits, target, **self._loss_kwargs()))
+        extra = {}
+        if self._ref_logits is not None:  # [b, s, v/tp] -> [s, b, v/tp], as the policy's
+            extra["ref_logits"] = self._ref_logits.transpose(0, 1).contiguous()
+        loss = self._keep_stats(loss_fn(logits, target, **self._loss_kwargs(), **extra))
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
     def forward(self, *args, output_processor=None, **kwargs):
         if output_processor is None and self.output_chunk_tokens:
             output_processor = self._chunked_output_and_loss
-        return super().forward(*args, output_processor=output_processor, **kwargs)
+        ref = self._reference
+        if ref is None or InferenceMode.is_active():
+            return super().forward(*args, output_processor=output_processor, **kwargs)
+        with torch.no_grad():  # the reference's logits (last stage) or hidden states
+            ref_out = ref(*args, **{**kwargs, "labels": None})
+        if not self.post_process:
+            out = super().forward(*args, output_processor=output_processor, **kwargs)
+            return torch.cat([out, ref_out], dim=1)  # [s, b, h] x 2 -> [s, 2b, h]
+        self._ref_logits = ref_out
+        try:
+            return super().forward(*args, output_processor=output_processor, **kwargs)
+        finally:
+            self._ref_logits = None
 
     def _chunked_output_and_loss(
         self,

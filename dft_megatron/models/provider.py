@@ -13,11 +13,14 @@ vocab-parallel DFT cross-entropy and whose padded vocabulary columns are masked 
 from __future__ import annotations
 
 import argparse
+import logging
 
 from megatron.core.models.gpt import gpt_layer_specs
 
 from dft_megatron.loss import TokenWeighting
 from dft_megatron.models.gpt import DFTGPTModel
+
+logger = logging.getLogger(__name__)
 
 
 def layer_spec(args: argparse.Namespace, config, vp_stage: int | None):
@@ -122,19 +125,118 @@ def model_provider(
     config=None,
     pg_collection=None,
 ) -> DFTGPTModel:
-    """`pretrain(model_provider=...)`: reads Megatron-LM's global args (the outermost entry)."""
+    """`pretrain(model_provider=...)`: reads Megatron-LM's global args (the outermost entry).
+
+    Beside the DFT loss: the --token-weights table, the --sft-mix-decay-iters schedule and,
+    for --loss-type asft, the frozen reference stage loaded from --ref-load."""
     from megatron.training import get_args, get_tokenizer
 
-    from dft_megatron.training.arguments import token_weighting
+    from dft_megatron.training.arguments import sft_mix_schedule, token_weighting
 
     args = get_args()
-    return build_dft_gpt_model(
-        args,
-        token_weighting(args),
-        model_vocab_size(args, get_tokenizer().vocab_size),
+    vocab = model_vocab_size(args, get_tokenizer().vocab_size)
+    stage = dict(
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
         config=config,
         pg_collection=pg_collection,
     )
+    model = build_dft_gpt_model(args, token_weighting(args), vocab, **stage)
+    model.sft_mix_schedule = sft_mix_schedule(args)
+    if args.token_weights:
+        model.token_weights = _token_weights(args, vocab)
+    if model.loss_weighting.needs_reference:
+        model.attach_reference(build_reference(args, vocab, model, stage))
+    return model
+
+
+def _token_weights(args: argparse.Namespace, vocab: int):
+    """The --token-weights table over the model's vocabulary (logged once, on rank 0)."""
+    import torch.distributed as dist
+
+    from dft_megatron.data.sft import load_tokenizer
+    from dft_megatron.loss.token_weights import load_token_weights
+
+    if args.tokenizer_type != "HuggingFaceTokenizer":
+        raise ValueError("--token-weights needs a Hugging Face tokenizer (--tokenizer-model DIR)")
+    weights, counts = load_token_weights(
+        args.token_weights, load_tokenizer(args.tokenizer_model, None), vocab
+    )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        where = ", ".join(f"{n} ids from {k}" for k, n in sorted(counts.items()))
+        logger.info(
+            "--token-weights %s: %d ids, weights %.3g to %.3g (%s)",
+            args.token_weights,
+            vocab,
+            float(weights.min()),
+            float(weights.max()),
+            where,
+        )
+    return weights
+
+
+def build_reference(args: argparse.Namespace, vocab: int, policy: DFTGPTModel, stage: dict):
+    """asft's reference: this pipeline stage of the same architecture, in the policy's dtype
+    and device, its weights loaded from --ref-load with Megatron-LM's own loader (any
+    layout's checkpoint, resharded to this one), frozen. The pipeline carries both models'
+    activations ([s, 2b, h]), so the config gets `variable_seq_lengths`."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    ref = build_dft_gpt_model(args, TokenWeighting("sft"), vocab, **stage)
+    ref.to(dtype=next(policy.parameters()).dtype)
+    if torch.cuda.is_available() and not _on_cpu():
+        ref.cuda(torch.cuda.current_device())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        policy.config.variable_seq_lengths = True
+    load_reference(args, ref)
+    params = sum(p.numel() for p in ref.parameters())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        weight_mib = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
+        tokens = args.micro_batch_size * args.seq_length
+        shard = args.padded_vocab_size // args.tensor_model_parallel_size
+        logits_mib = tokens * shard * (4 + ref.config.params_dtype.itemsize) / 2**20
+        logger.info(
+            "asft reference from %s (rank 0's stage): %d parameters, %.1f MiB of weights; per "
+            "micro-batch in flight its logits add %.1f MiB ([%d tokens, %d vocab/TP] in the "
+            "model's dtype, and as an fp32 softmax kept for backward)",
+            args.ref_load,
+            params,
+            weight_mib,
+            logits_mib,
+            tokens,
+            shard,
+        )
+    return ref
+
+
+def load_reference(args: argparse.Namespace, ref: DFTGPTModel) -> None:
+    """Megatron-LM's load_checkpoint of --ref-load into `ref`: weights only (as --finetune
+    loads them: no optimizer, RNG or iteration), whatever --ckpt-step says of --load."""
+    from megatron.training.checkpointing import load_checkpoint
+
+    saved = {k: getattr(args, k, None) for k in _REF_LOAD_OVERRIDES}
+    for key, value in _REF_LOAD_OVERRIDES.items():
+        setattr(args, key, value)
+    try:
+        load_checkpoint([ref], None, None, load_arg="ref_load", strict=True)
+    finally:
+        for key, value in saved.items():
+            setattr(args, key, value)
+
+
+_REF_LOAD_OVERRIDES = {
+    "finetune": True,
+    "no_load_optim": True,
+    "no_load_rng": True,
+    "ckpt_step": None,
+    "pretrained_checkpoint": None,
+}
+
+
+def _on_cpu() -> bool:
+    from dft_megatron.training.arguments import on_cpu
+
+    return on_cpu()

@@ -34,7 +34,7 @@ import torch
 from dft_megatron.checkpoint.paths import has_checkpoint, stored_tokenizer
 from dft_megatron.data.config import DATA_FORMATS, TRUNCATION, DataConfig
 from dft_megatron.loss.output_layer import DEFAULT_CHUNK_TOKENS
-from dft_megatron.loss.weights import LOSS_TYPES, TokenWeighting
+from dft_megatron.loss.weights import LOSS_TYPES, SftMixSchedule, TokenWeighting
 from dft_megatron.models.config import FAMILIES
 from dft_megatron.utils.flags import add_fields
 
@@ -88,20 +88,66 @@ def add_dft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         choices=LOSS_TYPES,
         default="dft",
         help="dft: cross-entropy weighted by the stop-gradient of the target probability "
-        "(Wu et al., 2025); sft: plain cross-entropy, identical to Megatron-LM's",
+        "(Wu et al., 2025); sft: plain cross-entropy, identical to Megatron-LM's; asft: dft plus "
+        "--asft-kl-coeff x KL(reference || policy) to a frozen --ref-load model; chord: weight "
+        "p(1 - p); eaft: weight (top-k entropy / ln k)^alpha; prob-power: 1 - p^k "
+        "(see the README's objectives table)",
     )
-    for name, doc in (
-        ("dft_min_prob", "Floor c on the DFT weight: w = max(p ** alpha, c), in [0, 1]"),
-        ("dft_alpha", "Power on the target probability in the DFT weight, >= 0"),
-        ("sft_mix", "Blend with SFT: w = mix + (1 - mix) * w_dft, in [0, 1]"),
-    ):
+    for name, kind, doc in (
+        ("dft_min_prob", float, "dft/asft: weight floor c, w = max(p ** alpha, c), in [0, 1]"),
+        ("dft_alpha", float, "dft/asft: power on the target probability in the weight, >= 0"),
+        ("sft_mix", float, "blend with SFT: L = mix CE + (1 - mix) L_objective, in [0, 1]"),
+        ("prob_threshold", float, "tokens with target probability below it get no loss (the "
+         "thresholded objectives of Beyond Log Likelihood), in [0, 1)"),
+        ("prob_power_k", float, "prob-power: the k of 1 - p^k (1: -p; 10: -p^10), > 0"),
+        ("eaft_topk", int, "eaft: the largest logits whose softmax gives the entropy, >= 2"),
+        ("eaft_alpha", float, "eaft: power on the normalized top-k entropy, >= 0"),
+    ):  # fmt: skip
         default = getattr(TokenWeighting(), name)
         g.add_argument(
             "--" + name.replace("_", "-"),
-            type=float,
+            type=kind,
             default=default,
             help=f"{doc} (default: {default})",
         )
+    g.add_argument(
+        "--asft-kl-coeff",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help=f"asft: the weight of KL(reference || policy) per target token (default: "
+        f"{ASFT_KL_COEFF})",
+    )
+    g.add_argument(
+        "--ref-load",
+        metavar="DIR",
+        default=None,
+        help="asft: the frozen reference model's checkpoint (same architecture; it is loaded in "
+        "the training layout). Default: the reference the --load checkpoint's run used when it "
+        "is an asft run's, else the --load checkpoint itself",
+    )
+    g.add_argument(
+        "--token-weights",
+        metavar="FILE",
+        default=None,
+        help="a JSON table of per-token weights multiplying the objective: by token id, token "
+        "string or token class (number, stopword, punctuation, whitespace, special, word); the "
+        "general form of the semantic-aware DFT (see the README)",
+    )
+    g.add_argument(
+        "--sft-mix-decay-iters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the SFT -> objective schedule: --sft-mix decays from its value to 0 over the first "
+        "N iterations (a weak base learns from SFT first, then the objective takes over)",
+    )
+    g.add_argument(
+        "--sft-mix-decay-style",
+        choices=("linear", "cosine"),
+        default="linear",
+        help="the shape of the --sft-mix-decay-iters schedule (default: linear)",
+    )
 
     g.add_argument(
         "--dft-chunked-output-layer",
@@ -181,11 +227,42 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     return DataConfig(**values)
 
 
+ASFT_KL_COEFF = 0.1
+"""--asft-kl-coeff when not given with --loss-type asft."""
+
+_WEIGHTING_FLAGS = (
+    "dft_min_prob",
+    "dft_alpha",
+    "sft_mix",
+    "prob_threshold",
+    "prob_power_k",
+    "eaft_topk",
+    "eaft_alpha",
+)
+
+
 def token_weighting(args: argparse.Namespace) -> TokenWeighting:
+    """The objective the flags describe (`ArgumentError` naming the flag when it cannot be)."""
+    kl = args.asft_kl_coeff
+    if kl is None:
+        kl = ASFT_KL_COEFF if args.loss_type == "asft" else 0.0
+    values = {name: getattr(args, name) for name in _WEIGHTING_FLAGS}
     try:
-        return TokenWeighting(args.loss_type, args.dft_min_prob, args.dft_alpha, args.sft_mix)
+        return TokenWeighting(args.loss_type, **values, kl_coeff=kl)
     except ValueError as e:
-        raise ArgumentError(f"--loss-type/--dft-*/--sft-mix: {e}") from None
+        flag = str(e).split()[0]
+        flag = "--asft-kl-coeff" if flag == "kl_coeff" else "--" + flag.replace("_", "-")
+        raise ArgumentError(f"--loss-type {args.loss_type} / {flag}: {e}") from None
+
+
+def sft_mix_schedule(args: argparse.Namespace) -> SftMixSchedule | None:
+    """The --sft-mix-decay-iters schedule, or None."""
+    if args.sft_mix_decay_iters is None:
+        return None
+    try:
+        return SftMixSchedule(args.sft_mix, args.sft_mix_decay_iters, args.sft_mix_decay_style)
+    except ValueError as e:
+        raise ArgumentError(f"--sft-mix-decay-iters: {e}") from None
 
 
 def on_cpu() -> bool:
@@ -344,8 +421,46 @@ def refusals(args: argparse.Namespace, training: bool = True) -> list[str]:
         out.append(str(e))
     try:
         token_weighting(args)
+        sft_mix_schedule(args)
     except ArgumentError as e:
         out.append(str(e))
+    out += objective_refusals(args)
+    return out
+
+
+def objective_refusals(args: argparse.Namespace) -> list[str]:
+    """Combinations of the objective's flags with others that cannot run."""
+    out = []
+    if args.sft_mix_decay_iters is not None and (args.loss_type == "sft" or args.sft_mix == 0.0):
+        out.append(
+            "--sft-mix-decay-iters anneals --sft-mix to 0: give --sft-mix > 0 (the start value) "
+            "and a --loss-type other than sft"
+        )
+    if args.token_weights and not Path(args.token_weights).is_file():
+        out.append(f"--token-weights {args.token_weights}: no such file")
+    if args.loss_type != "asft":
+        for flag, value in (("--ref-load", args.ref_load), ("--asft-kl-coeff", args.asft_kl_coeff)):
+            if value is not None:
+                out.append(f"{flag} applies to --loss-type asft only (here: {args.loss_type})")
+        return out
+    for flag, on, why in (
+        ("--cross-entropy-loss-fusion", args.cross_entropy_loss_fusion, "unfused loss"),
+        ("--dft-chunked-output-layer", args.dft_chunked_output_layer, "full logits"),
+        ("--mtp-num-layers", bool(getattr(args, "mtp_num_layers", None)), "main head only"),
+        (
+            "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank",
+            bool(
+                getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+                or getattr(args, "num_virtual_stages_per_pipeline_rank", None)
+            ),
+            "one model chunk per pipeline rank",
+        ),
+    ):
+        if on:
+            out.append(
+                f"--loss-type asft with {flag}: the reference's KL term runs with the {why} "
+                f"(see the README's ASFT section); drop {flag.split(' /')[0]}"
+            )
     return out
 
 
@@ -510,7 +625,11 @@ def parse_megatron_args(
     problems = refusals(args, training)
     if problems:
         fail(problems)
-    from dft_megatron.training.safeguards import architecture_problems, checkpoint_problems
+    from dft_megatron.training.safeguards import (
+        architecture_problems,
+        checkpoint_problems,
+        resolve_reference,
+    )
 
     problems = checkpoint_problems(args)  # before Megatron-LM reads any of it
     if problems:
@@ -550,7 +669,7 @@ def parse_megatron_args(
     except AssertionError as e:
         fail([f"Megatron-LM's argument check failed: {_assertion(e)}"])
     set_global_variables(args)  # builds the tokenizer: --padded-vocab-size is known from here
-    problems = architecture_problems(args)
+    problems = architecture_problems(args) + resolve_reference(args)
     if problems:
         fail(problems)
     return args

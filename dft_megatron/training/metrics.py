@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 REGIME_EDGES = (0.01, 0.5, 0.99)
 REGIME_NAMES = ("p<0.01", "p 0.01-0.5", "p 0.5-0.99", "p>0.99")
 HIST_BINS = 20
-_SCALARS = ("loss", "ce_loss", "target_prob", "entropy", "tokens")
+_SCALARS = ("loss", "ce_loss", "target_prob", "entropy", "tokens", "kl", "kl_tokens")
+_REGIMES = len(_SCALARS)  # where the regime counts start in the vector
 _WIDTH = len(_SCALARS) + len(REGIME_NAMES) + HIST_BINS
 
 
@@ -69,6 +70,8 @@ class MetricSums:
                         if stats.entropy is None
                         else stats.entropy[m].double().sum(),
                         p.new_tensor(float(p.numel())),
+                        p.new_zeros(()) if stats.kl is None else stats.kl[m].double().sum(),
+                        p.new_tensor(0.0 if stats.kl is None else float(p.numel())),
                     ]
                 ),
                 torch.bincount(regimes, minlength=len(REGIME_NAMES)).double(),
@@ -95,12 +98,14 @@ class MetricSums:
             "entropy": mean(v[3]),
             "tokens": int(tokens),
         }
-        regimes = v[5 : 5 + len(REGIME_NAMES)]
+        if v[6]:  # asft: its KL term, without the coefficient
+            out["kl"] = v[5] / v[6]
+        regimes = v[_REGIMES : _REGIMES + len(REGIME_NAMES)]
         out.update({name: mean(c) for name, c in zip(REGIME_NAMES, regimes, strict=True)})
         return out
 
     def histogram(self) -> list[float]:
-        return self.values[5 + len(REGIME_NAMES) :].tolist()
+        return self.values[_REGIMES + len(REGIME_NAMES) :].tolist()
 
 
 _last_logged: dict | None = None
@@ -125,6 +130,9 @@ class DFTMetrics:
         """Megatron-Core's MoE router losses of the iteration just reported (name -> value,
         as its iteration line shows them: the mean over MoE layers and micro-batches,
         without the coefficient); empty for a dense model."""
+        self.sft_mix: float | None = None
+        """The SFT mix of the --sft-mix-decay-iters schedule at the last step (None without
+        one); written into the training records."""
 
     def add(self, loss, stats, mask, *, training: bool) -> None:
         (self.train if training else self.valid).add(loss, stats, mask)
@@ -173,6 +181,8 @@ class DFTMetrics:
         )
         record.update(self.router_losses)
         self.router_losses = {}
+        if self.sft_mix is not None:
+            record["sft_mix"] = self.sft_mix
         record["p_histogram"] = sums.histogram()
         self._write(record)
         _histogram("train/target_prob", sums, iteration)

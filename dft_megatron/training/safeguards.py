@@ -131,9 +131,14 @@ ARCHITECTURE_FLAGS = {
 }
 
 
-def architecture_problems(args: argparse.Namespace) -> list[str]:
-    """The checkpoint --load resolves to against the command line's architecture."""
-    target = load_target(args.load, getattr(args, "ckpt_step", None))
+def architecture_problems(
+    args: argparse.Namespace, load: str | None = None, what: str = "--load"
+) -> list[str]:
+    """The checkpoint `load` (default: --load) resolves to against the command line's
+    architecture."""
+    load = args.load if load is None else load
+    step = getattr(args, "ckpt_step", None) if what == "--load" else None
+    target = load_target(load, step)
     stored = stored_args(target.folder) if target is not None else None
     if stored is None:
         return []
@@ -149,11 +154,44 @@ def architecture_problems(args: argparse.Namespace) -> list[str]:
     ]
     if not diffs:
         return []
+    if what != "--load":
+        return [
+            f"{what} {target.folder} is a checkpoint of another architecture than the trained "
+            f"model's: {'; '.join(diffs)}; the reference must have the policy's architecture"
+        ]
     return [
         f"{target.folder} is a checkpoint of another architecture: {'; '.join(diffs)}; drop the "
         "model flags to take the checkpoint's (--use-checkpoint-args), or load a checkpoint of "
         "this model"
     ]
+
+
+def resolve_reference(args: argparse.Namespace) -> list[str]:
+    """--loss-type asft: set --ref-load where it was not given, and check its checkpoint.
+
+    The default is the reference the --load checkpoint's own run used when it was an asft
+    run's (a resume keeps its anchor, not the weights trained so far), else --load itself
+    (the model fine-tuning starts from)."""
+    if args.loss_type != "asft":
+        return []
+    if args.ref_load is None:
+        target = load_target(args.load, getattr(args, "ckpt_step", None)) if args.load else None
+        stored = stored_args(target.folder) if target is not None else None
+        inherited = getattr(stored, "ref_load", None) if stored is not None else None
+        args.ref_load = inherited or args.load
+        if args.ref_load is None:
+            return ["--loss-type asft needs a reference model: give --ref-load DIR (or --load)"]
+        if int(os.environ.get("RANK", "0")) == 0:
+            why = "the --load checkpoint's run used it" if inherited else "the --load checkpoint"
+            logger.info("asft: reference model from --ref-load %s (%s)", args.ref_load, why)
+    ref_args = argparse.Namespace(**{**vars(args), "load": args.ref_load, "ckpt_step": None})
+    try:
+        if load_target(args.ref_load, None) is None:
+            return [f"--ref-load {args.ref_load}: holds no checkpoint (no {TRACKER})"]
+    except CheckpointError as e:
+        return [f"--ref-load: {p}" for p in e.problems]
+    problems = [f"--ref-load: {p}" for p in checkpoint_problems(ref_args)]
+    return problems or architecture_problems(args, args.ref_load, "--ref-load")
 
 
 # ------------------------------------------------------------------ after the process group

@@ -12,7 +12,8 @@ gradients by the token count of the whole global batch, over micro-batches and D
 the objective is the global token mean of the (sample-weighted) DFT loss whatever the
 layout. The report holds [sum, count] pairs that Megatron-LM averages over the global
 batch and prints in its iteration line: "lm loss" (the loss optimized: DFT's), "ce loss",
-"target p" and the four target-probability regimes, all free by-products of the loss. The
+"target p" and the four target-probability regimes, all free by-products of the loss, and
+for asft "kl" (its KL term without the coefficient). The
 same per-token values go into `DFTMetrics` (histogram, metrics JSONL, the "[dft]" line; see
 training/metrics.py), with the entropy on the iterations that are logged and in validation
 (it costs one more pass over the softmax, so not on every step).
@@ -97,6 +98,8 @@ def loss_func(batch: Batch, model, metrics: DFTMetrics | None, check_nan: bool, 
     counts = torch.bincount(regimes, minlength=len(REGIME_NAMES)).float()
     for name, c in zip(REGIME_NAMES, counts, strict=True):
         report[name] = pair(c)
+    if stats.kl is not None:  # asft: KL(reference || policy), without its coefficient
+        report["kl"] = pair(stats.kl[m].sum())
     # Only for what is logged (the entropy is there then); one copy per DP x CP rank (TP
     # ranks hold the same values), so the world SUM is the total.
     net = unwrap_model(model)
@@ -106,10 +109,24 @@ def loss_func(batch: Batch, model, metrics: DFTMetrics | None, check_nan: bool, 
     return loss_sum, num_tokens, report
 
 
+def _apply_schedule(net, metrics: DFTMetrics | None) -> None:
+    """--sft-mix-decay-iters: the objective's SFT mix at the iteration being computed (also
+    in validation, which reports the objective of the iteration it follows)."""
+    if net.sft_mix_schedule is None:
+        return
+    from megatron.training import get_args
+
+    mix = net.sft_mix_schedule(getattr(get_args(), "curr_iteration", 0))
+    net.loss_weighting = net.loss_weighting.with_sft_mix(mix)
+    if metrics is not None:
+        metrics.sft_mix = mix
+
+
 def forward_step(metrics: DFTMetrics | None, check_nan: bool, data_iterator, model):
     """`pretrain(forward_step_func=partial(forward_step, metrics, check_nan))`."""
     device = next(model.parameters()).device
     batch = get_batch(data_iterator, device)
+    _apply_schedule(unwrap_model(model), metrics)
     # The entropy costs one more pass over the softmax: only where it is logged.
     unwrap_model(model).collect_entropy = metrics is None or metrics.wants_entropy(model.training)
     attention_mask, packed = None, None

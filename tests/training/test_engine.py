@@ -35,6 +35,7 @@ from dft_megatron.convert.megatron_to_hf import convert_megatron_to_hf
 from dft_megatron.models import ModelConfig
 from tests.convert.hf_models import save_tokenizer
 from tests.launch import train
+from tests.training.one_step import assert_moved_as
 
 ARCH = ModelConfig(
     num_layers=4,
@@ -268,14 +269,8 @@ def test_one_step_equals_transformers_gradient_step(path, hf_model, checkpoint, 
 
     before = load_file(str(hf_model / "model.safetensors"))
     after = load_file(str(exported / "model.safetensors"))
-    params = dict(model.named_parameters())
-    for name, w0 in before.items():
-        expected = -lr * params[name].grad
-        moved = after[name].double() - w0.double()
-        scale = expected.abs().max()
-        assert scale > 0, name
-        rounding = 4 * torch.finfo(torch.float32).eps * w0.double().abs().max()
-        assert (moved - expected).abs().max() <= 1e-3 * scale + rounding, name
+    sgd = {name: -lr * p.grad for name, p in model.named_parameters()}
+    assert_moved_as(before, after, sgd)
 
 
 def test_logging_outputs(checkpoint, tmp_path):
