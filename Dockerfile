@@ -30,7 +30,7 @@ COPY pyproject.toml ./
 COPY .ci/constraints.txt .ci/constraints.txt
 COPY scripts/image_requirements.py scripts/image_requirements.py
 RUN TORCH_BEFORE="$(python3 -c 'import torch; print(torch.__version__)')" \
-    && python3 scripts/image_requirements.py --extras hf,eval \
+    && python3 scripts/image_requirements.py --extras hf,eval,plots \
         --requirements /tmp/requirements.txt --constraints /tmp/constraints.txt \
     && python3 -m pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
     && python3 -c 'import sys, torch; sys.exit(torch.__version__ != sys.argv[1] and f"torch changed from {sys.argv[1]} to {torch.__version__}")' "$TORCH_BEFORE"

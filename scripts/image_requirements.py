@@ -8,7 +8,7 @@ apex, numpy and more, built together and pinned in /etc/pip/constraint.txt. Writ
 - CONSTRAINTS: CI's pins (.ci/constraints.txt) for the packages this environment does not
   have yet; those it has keep the image's versions.
 
-    python scripts/image_requirements.py --extras hf,eval \\
+    python scripts/image_requirements.py --extras hf,eval,plots \\
         --requirements /tmp/requirements.txt --constraints /tmp/constraints.txt
 """
 
@@ -42,7 +42,7 @@ def installed(name: str) -> str | None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--extras", default="hf,eval", help="comma-separated optional-dependency groups")
+    p.add_argument("--extras", default="hf,eval,plots", help="comma-separated optional-dependency groups")
     p.add_argument("--pyproject", type=Path, default=ROOT / "pyproject.toml")
     p.add_argument("--ci-constraints", type=Path, default=ROOT / ".ci" / "constraints.txt")
     p.add_argument("--requirements", type=Path, required=True, help="file to write")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv with Python >= 3.12 and
-# install dft-megatron with its dev, hf and eval extras at the versions CI tests (.ci/constraints.txt).
+# install dft-megatron with its dev, hf, eval and plots extras at the versions CI tests (.ci/constraints.txt).
 #   bash scripts/setup.sh            # reuse .venv if it is there
 #   bash scripts/setup.sh --clean    # start from an empty .venv
 # Python: $PYTHON if set, else python3.12 (through pyenv when it has a 3.12), else python3.
@@ -40,6 +40,6 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
 fi
 
-echo "installing dft-megatron[dev,hf,eval] into $venv (torch and megatron-core are large: minutes on a new machine)"
-"$venv/bin/python" -m pip install --quiet --progress-bar off -c .ci/constraints.txt -e '.[dev,hf,eval]'
+echo "installing dft-megatron[dev,hf,eval,plots] into $venv (torch and megatron-core are large: minutes on a new machine)"
+"$venv/bin/python" -m pip install --quiet --progress-bar off -c .ci/constraints.txt -e '.[dev,hf,eval,plots]'
 "$venv/bin/python" -c 'import torch, megatron.core, dft_megatron; print(f"ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}, dft-megatron {dft_megatron.__version__}")' 2>/dev/null
