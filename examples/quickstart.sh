@@ -11,7 +11,8 @@
 #      sequences, validation, checkpoints and TensorBoard logs
 #   5. converted back to Hugging Face (tools/convert_megatron_to_hf.py)
 #   6. evaluated with the paper's protocol (k samples at temperature 1, last \boxed{} judged by
-#      math-verify, avg@k and pass@k) on the held-out split and on seen training problems
+#      math-verify, avg@k and pass@k) on the held-out split and on seen training problems;
+#      figures of both stages in OUT/figures (tools/plot_metrics.py)
 #
 # Stages 3 and 4 are Megatron-LM's trainer (`-m dft_megatron.train`, Megatron-LM's flags plus
 # DFT's); the model flags come from the converted checkpoint (`--load ... --finetune`).
@@ -91,6 +92,10 @@ step 6 "evaluation: $EVAL_PROBLEMS problems x $EVAL_SAMPLES samples, held-out an
     --benchmarks "heldout=$DATA/test.jsonl,seen=$DATA/train.jsonl" \
     --max-problems "$EVAL_PROBLEMS" --num-samples "$EVAL_SAMPLES" --max-new-tokens 400 \
     --batch-size 16 --prompt-template qwen-boxed --output-dir "$OUT/eval" --judge-workers 1
+
+# The two stages' learning curves and target-probability histograms (PNG).
+"$PYTHON" "$REPO_ROOT/tools/plot_metrics.py" --run "pretrain=$OUT/pretrain/metrics.jsonl" \
+    --run "dft=$OUT/dft/metrics.jsonl" --out "$OUT/figures" --log-y > /dev/null
 
 printf '\n=== summary (%ds)\n' $((SECONDS - START))
 "$PYTHON" -m dft_megatron.utils.summary "$OUT"

@@ -17,7 +17,12 @@ import json
 
 from tqdm import tqdm
 
-from dft_megatron.data.math_problems import make_math_data
+from dft_megatron.data.math_problems import (
+    KINDS,
+    TEST_DIFFICULTIES,
+    TRAIN_DIFFICULTIES,
+    make_math_data,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,7 +41,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--no-tokenizer", action="store_true", help="write the JSONL files only, no tokenizer/"
     )
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"comma-separated problem kinds (default: all of {','.join(KINDS)})",
+    )
+    parser.add_argument(
+        "--train-difficulties",
+        default=",".join(TRAIN_DIFFICULTIES),
+        help=f"comma-separated difficulties of the training split (default: "
+        f"{','.join(TRAIN_DIFFICULTIES)})",
+    )
+    parser.add_argument(
+        "--test-difficulties",
+        default=",".join(TEST_DIFFICULTIES),
+        help=f"comma-separated difficulties of the held-out split (default: "
+        f"{','.join(TEST_DIFFICULTIES)}; the training ones give an in-distribution held-out split)",
+    )
     args = parser.parse_args(argv)
+    split = lambda value: tuple(v.strip() for v in value.split(",") if v.strip())  # noqa: E731
 
     with tqdm(total=args.train_size + args.test_size, desc="problems", unit="row") as bar:
         summary = make_math_data(
@@ -46,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
             args.seed,
             vocab_size=None if args.no_tokenizer else args.vocab_size,
             progress=bar.update,
+            kinds=split(args.kinds),
+            train_difficulties=split(args.train_difficulties),
+            test_difficulties=split(args.test_difficulties),
         )
     print(json.dumps(summary, indent=2))
     return summary

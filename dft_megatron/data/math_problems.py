@@ -457,6 +457,7 @@ def iter_unique_problems(
     difficulties: tuple[str, ...],
     exclude: set[str] | frozenset[str] = frozenset(),
     max_attempts_per_row: int = 50,
+    kinds: tuple[str, ...] = KINDS,
 ) -> Iterator[dict[str, str]]:
     """Endless distinct rows (by problem text), none in `exclude`, deterministic in `seed`.
 
@@ -467,7 +468,7 @@ def iter_unique_problems(
     seen: set[str] = set(exclude)
     index = 0
     while True:
-        kind = KINDS[index % len(KINDS)]
+        kind = kinds[index % len(kinds)]
         for _ in range(max_attempts_per_row):
             row = generate_problem(rng, kind, rng.choice(difficulties)).to_row()
             if row["problem"] not in seen:
@@ -483,21 +484,34 @@ def iter_unique_problems(
 
 
 def generate_splits(
-    train_size: int, test_size: int, seed: int, progress: Callable[[int], None] | None = None
+    train_size: int,
+    test_size: int,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+    kinds: tuple[str, ...] = KINDS,
+    train_difficulties: tuple[str, ...] = TRAIN_DIFFICULTIES,
+    test_difficulties: tuple[str, ...] = TEST_DIFFICULTIES,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train rows at easy/medium difficulty, held-out test rows at hard difficulty).
+    """(train rows, held-out test rows) of `kinds`: by default the training split at
+    easy/medium difficulty and the test split at hard difficulty.
 
     The test split is drawn first and its problem texts are excluded from the training
     split, so the two never share a problem. `progress(n)` is called after every row.
     """
+    for name in kinds:
+        if name not in KINDS:
+            raise ValueError(f"unknown problem kind {name!r}; choose from {KINDS}")
+    for name in (*train_difficulties, *test_difficulties):
+        if name not in DIFFICULTIES:
+            raise ValueError(f"unknown difficulty {name!r}; choose from {DIFFICULTIES}")
     splits = []
     exclude: set[str] = set()
     for size, difficulties, offset in (
-        (test_size, TEST_DIFFICULTIES, 1),
-        (train_size, TRAIN_DIFFICULTIES, 0),
+        (test_size, test_difficulties, 1),
+        (train_size, train_difficulties, 0),
     ):
         rows = []
-        stream = iter_unique_problems(seed * 2 + offset, difficulties, exclude=exclude)
+        stream = iter_unique_problems(seed * 2 + offset, difficulties, exclude=exclude, kinds=kinds)
         for _ in range(size):
             rows.append(next(stream))
             if progress is not None:
@@ -525,8 +539,12 @@ def make_math_data(
     seed: int,
     vocab_size: int | None = 1024,
     progress: Callable[[int], None] | None = None,
+    kinds: tuple[str, ...] = KINDS,
+    train_difficulties: tuple[str, ...] = TRAIN_DIFFICULTIES,
+    test_difficulties: tuple[str, ...] = TEST_DIFFICULTIES,
 ) -> dict:
     """Write train.jsonl, test.jsonl and (unless `vocab_size` is None) tokenizer/ to `output_dir`.
+    `kinds` and the difficulties as in `generate_splits`.
 
     The tokenizer is trained on the training split's problems and solutions only. Returns a
     summary: paths, rows per kind and difficulty, and (with a tokenizer) its size and the
@@ -538,7 +556,9 @@ def make_math_data(
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    train, test = generate_splits(train_size, test_size, seed, progress)
+    train, test = generate_splits(
+        train_size, test_size, seed, progress, kinds, train_difficulties, test_difficulties
+    )
     summary: dict = {"output_dir": str(output_dir), "seed": seed}
     for name, rows in (("train", train), ("test", test)):
         write_jsonl(rows, output_dir / f"{name}.jsonl")

@@ -539,3 +539,29 @@ def plot_target_prob_histograms(
     data = "training" if split == "train" else "validation"
     fig.suptitle(title or f"Target-token probabilities on the {data} data at {when}")
     return _save(fig, path, dpi)
+
+
+def plot_accuracy(
+    accuracy: Mapping[str, float],
+    path: str | Path,
+    k: int | None = None,
+    title: str | None = None,
+    dpi: int = 150,
+) -> Path:
+    """One bar per method: held-out accuracy (fractions in [0, 1], drawn in percent), the
+    value written on each bar."""
+    for name, value in accuracy.items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"accuracy of {name!r} must be a fraction in [0, 1], got {value}")
+    names = list(accuracy)
+    colors = _colors(names)
+    fig = Figure(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    values = [100 * accuracy[n] for n in names]
+    bars = ax.bar(names, values, color=[colors[n] for n in names])
+    ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=8)
+    ax.set_ylabel(f"held-out avg@{k} (%)" if k else "held-out accuracy (%)")
+    ax.set_ylim(0, max(values + [1.0]) * 1.2)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title or "Held-out accuracy by fine-tuning objective")
+    return _save(fig, path, dpi)

@@ -59,6 +59,16 @@ def summary(out: str | Path) -> str:
         f"  TensorBoard:             tensorboard --logdir {out / 'tensorboard'}",
         f"  evaluation:              {out / 'eval'} (results.json, <benchmark>.samples.jsonl)",
     ]
+    figures = out / "figures"
+    if (figures / "learning_curves.png").is_file():
+        lines += [
+            f"  figures:                 {figures / 'learning_curves.png'}, "
+            f"{figures / 'target_prob_hist.png'}",
+            "    what to see: DFT's loss falls while the CE of the same tokens does not, and the "
+            "target probabilities polarize (mass moves to both ends of the histogram);",
+            "    SFT vs DFT and the variants, with accuracy: bash examples/reproduce_dft_cpu.sh "
+            "(docs/RESULTS.md)",
+        ]
     results = out / "eval" / "results.json"
     if results.is_file():
         lines += [

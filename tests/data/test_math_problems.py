@@ -152,3 +152,20 @@ def test_exhausted_ranges_raise():
     with pytest.raises(RuntimeError, match="exhausted"):
         for _ in range(10_000):
             next(stream)
+
+
+def test_kinds_and_difficulties_can_be_chosen():
+    """The reproduction's data: two kinds, an in-distribution held-out split (same difficulty,
+    still no shared problem)."""
+    train, test = generate_splits(
+        300, 40, seed=3, kinds=("arithmetic", "linear"), train_difficulties=("easy",),
+        test_difficulties=("easy",),
+    )  # fmt: skip
+    for rows in (train, test):
+        assert {r["kind"] for r in rows} == {"arithmetic", "linear"}
+        assert {r["difficulty"] for r in rows} == {"easy"}
+    assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+    with pytest.raises(ValueError, match="unknown problem kind 'geometry'"):
+        generate_splits(10, 2, seed=3, kinds=("geometry",))
+    with pytest.raises(ValueError, match="unknown difficulty 'extreme'"):
+        generate_splits(10, 2, seed=3, test_difficulties=("extreme",))

@@ -6,36 +6,21 @@ the stages."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from tests.dist import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.examples.run import run_example
 
 
 def test_quickstart_smoke(tmp_path):
-    env = dict(
-        os.environ,
-        PYTHON=sys.executable,
+    done = run_example(
+        "quickstart.sh",
+        900,
         OUT=str(tmp_path / "qs"),
         PRETRAIN_ITERS="2",
         DFT_ITERS="2",
         LOG_INTERVAL="1",
         EVAL_PROBLEMS="2",
         EVAL_SAMPLES="1",
-        MASTER_PORT=str(free_port()),
     )
-    done = subprocess.run(
-        ["bash", str(ROOT / "examples" / "quickstart.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert ": PASS" in done.stdout + done.stderr  # the import's --verify
     assert "pre-training (text, SFT loss): iterations" in out
@@ -54,3 +39,6 @@ def test_quickstart_smoke(tmp_path):
     assert set(results["benchmarks"]) == {"heldout", "seen"}
     assert (tmp_path / "qs" / "hf" / "config.json").is_file()
     assert list((tmp_path / "qs" / "tensorboard" / "dft").iterdir())
+    for figure in ("learning_curves", "target_prob_hist"):  # the summary points to them
+        path = qs / "figures" / f"{figure}.png"
+        assert path.read_bytes().startswith(b"\x89PNG") and str(path) in out
