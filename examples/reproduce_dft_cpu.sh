@@ -6,7 +6,7 @@
 #      and linear equations, tools/make_math_data.py), split into a pre-training half, a
 #      fine-tuning half and an in-distribution held-out set (no shared problem), and a
 #      byte-level BPE tokenizer trained on the training rows
-#   2. the base: a Qwen2-style model (4 layers, hidden 256) from a Hugging Face random init,
+#   2. the base: a Qwen2-style model (4 layers, hidden 128) from a Hugging Face random init,
 #      converted, then SFT on the pre-training half to partial competence
 #   3. every method fine-tuned from that base on the fine-tuning half (same iterations, lr,
 #      seed and batches): sft, dft, asft (anchored to the base), eaft, chord, prob-power (-p^k)
@@ -20,12 +20,12 @@
 #      OUT/learning_curves.png (the paper's Figure 1 view), OUT/target_prob_hist.png (SFT vs DFT
 #      on the training data: Figure 2), OUT/accuracy.png
 #
-#   bash examples/reproduce_dft_cpu.sh              # about 30 minutes on 2 cores
+#   bash examples/reproduce_dft_cpu.sh              # 24 minutes on 2 cores (docs/RESULTS.md)
 #   SMOKE=1 OUT=/tmp/smoke bash examples/reproduce_dft_cpu.sh   # the same steps, tiny (CI)
 #
 # Environment (defaults in brackets; SMOKE=1 shrinks every size): OUT [runs/reproduce_dft]
 # (replaced if it exists), SEED [1234], METHODS ["sft dft asft eaft chord prob-power"],
-# OFFLINE_RL [1], HIDDEN [256], PRETRAIN_ITERS, FT_ITERS, EVAL_PROBLEMS, EVAL_SAMPLES, RL_PROBLEMS, LR,
+# OFFLINE_RL [1], HIDDEN [128], PRETRAIN_ITERS, FT_ITERS, EVAL_PROBLEMS, EVAL_SAMPLES, RL_PROBLEMS, LR,
 # MASTER_PORT [29527], PYTHON. docs/RESULTS.md has the full run's table and figures.
 set -euo pipefail
 
@@ -51,13 +51,13 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     EVAL_PROBLEMS=${EVAL_PROBLEMS:-4} EVAL_SAMPLES=${EVAL_SAMPLES:-2} RL_PROBLEMS=${RL_PROBLEMS:-4}
     MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-24} LOG_INTERVAL=1
 else
-    ROWS=${ROWS:-2400} TEST_ROWS=${TEST_ROWS:-200}
-    PRETRAIN_ITERS=${PRETRAIN_ITERS:-500} FT_ITERS=${FT_ITERS:-100}
+    ROWS=${ROWS:-3000} TEST_ROWS=${TEST_ROWS:-200}
+    PRETRAIN_ITERS=${PRETRAIN_ITERS:-1200} FT_ITERS=${FT_ITERS:-100}
     EVAL_PROBLEMS=${EVAL_PROBLEMS:-100} EVAL_SAMPLES=${EVAL_SAMPLES:-4} RL_PROBLEMS=${RL_PROBLEMS:-150}
     MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-160} LOG_INTERVAL=10
 fi
 LR=${LR:-1e-3}
-HIDDEN=${HIDDEN:-256}
+HIDDEN=${HIDDEN:-128}
 [[ "${SMOKE:-0}" == 1 ]] && HIDDEN=${SMOKE_HIDDEN:-64}
 START=$SECONDS
 

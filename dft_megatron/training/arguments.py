@@ -251,6 +251,8 @@ def token_weighting(args: argparse.Namespace) -> TokenWeighting:
         return TokenWeighting(args.loss_type, **values, kl_coeff=kl)
     except ValueError as e:
         flag = str(e).split()[0]
+        if "kl_coeff" in str(e):
+            flag = "kl_coeff"
         flag = "--asft-kl-coeff" if flag == "kl_coeff" else "--" + flag.replace("_", "-")
         raise ArgumentError(f"--loss-type {args.loss_type} / {flag}: {e}") from None
 
