@@ -42,7 +42,9 @@ def installed(name: str) -> str | None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--extras", default="hf,eval,plots", help="comma-separated optional-dependency groups")
+    p.add_argument(
+        "--extras", default="hf,eval,plots", help="comma-separated optional-dependency groups"
+    )
     p.add_argument("--pyproject", type=Path, default=ROOT / "pyproject.toml")
     p.add_argument("--ci-constraints", type=Path, default=ROOT / ".ci" / "constraints.txt")
     p.add_argument("--requirements", type=Path, required=True, help="file to write")
