@@ -144,7 +144,7 @@ def model_provider(
     )
     model = build_dft_gpt_model(args, token_weighting(args), vocab, **stage)
     model.sft_mix_schedule = sft_mix_schedule(args)
-    if args.token_weights:
+    if args.token_weights and post_process:  # the loss runs on the last stage only
         model.token_weights = _token_weights(args, vocab)
     if model.loss_weighting.needs_reference:
         model.attach_reference(build_reference(args, vocab, model, stage))
@@ -152,8 +152,9 @@ def model_provider(
 
 
 def _token_weights(args: argparse.Namespace, vocab: int):
-    """The --token-weights table over the model's vocabulary (logged once, on rank 0)."""
-    import torch.distributed as dist
+    """The --token-weights table over the model's vocabulary (logged once, by the last
+    stage's first TP and DP rank)."""
+    from megatron.core import parallel_state
 
     from dft_megatron.data.sft import load_tokenizer
     from dft_megatron.loss.token_weights import load_token_weights
@@ -163,7 +164,8 @@ def _token_weights(args: argparse.Namespace, vocab: int):
     weights, counts = load_token_weights(
         args.token_weights, load_tokenizer(args.tokenizer_model, None), vocab
     )
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    first = parallel_state.get_tensor_model_parallel_rank() == 0
+    if first and parallel_state.get_data_parallel_rank() == 0:
         where = ", ".join(f"{n} ids from {k}" for k, n in sorted(counts.items()))
         logger.info(
             "--token-weights %s: %d ids, weights %.3g to %.3g (%s)",
@@ -185,9 +187,11 @@ def build_reference(args: argparse.Namespace, vocab: int, policy: DFTGPTModel, s
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from dft_megatron.training.arguments import on_cpu
+
     ref = build_dft_gpt_model(args, TokenWeighting("sft"), vocab, **stage)
     ref.to(dtype=next(policy.parameters()).dtype)
-    if torch.cuda.is_available() and not _on_cpu():
+    if torch.cuda.is_available() and not on_cpu():
         ref.cuda(torch.cuda.current_device())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         policy.config.variable_seq_lengths = True
@@ -234,9 +238,3 @@ _REF_LOAD_OVERRIDES = {
     "ckpt_step": None,
     "pretrained_checkpoint": None,
 }
-
-
-def _on_cpu() -> bool:
-    from dft_megatron.training.arguments import on_cpu
-
-    return on_cpu()

@@ -240,6 +240,9 @@ _WEIGHTING_FLAGS = (
     "eaft_alpha",
 )
 
+_FLAG_OF_FIELD = {name: "--" + name.replace("_", "-") for name in _WEIGHTING_FLAGS}
+_FLAG_OF_FIELD["kl_coeff"] = "--asft-kl-coeff"
+
 
 def token_weighting(args: argparse.Namespace) -> TokenWeighting:
     """The objective the flags describe (`ArgumentError` naming the flag when it cannot be)."""
@@ -250,10 +253,8 @@ def token_weighting(args: argparse.Namespace) -> TokenWeighting:
     try:
         return TokenWeighting(args.loss_type, **values, kl_coeff=kl)
     except ValueError as e:
-        flag = str(e).split()[0]
-        if "kl_coeff" in str(e):
-            flag = "kl_coeff"
-        flag = "--asft-kl-coeff" if flag == "kl_coeff" else "--" + flag.replace("_", "-")
+        # The field the message names (TokenWeighting's messages name theirs), as its flag.
+        flag = next((f for name, f in _FLAG_OF_FIELD.items() if name in str(e)), "--loss-type")
         raise ArgumentError(f"--loss-type {args.loss_type} / {flag}: {e}") from None
 
 

@@ -98,8 +98,9 @@ class MetricSums:
             "entropy": mean(v[3]),
             "tokens": int(tokens),
         }
-        if v[6]:  # asft: its KL term, without the coefficient
-            out["kl"] = v[5] / v[6]
+        kl, kl_tokens = v[_SCALARS.index("kl")], v[_SCALARS.index("kl_tokens")]
+        if kl_tokens:  # asft: its KL term, without the coefficient
+            out["kl"] = kl / kl_tokens
         regimes = v[_REGIMES : _REGIMES + len(REGIME_NAMES)]
         out.update({name: mean(c) for name, c in zip(REGIME_NAMES, regimes, strict=True)})
         return out
