@@ -77,7 +77,7 @@ class SaveLock:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self._fd = fd  # held (open) until the process exits
+        self._fd = fd  # held (open) until release() or the process's exit
         return True
 
     def release(self) -> None:

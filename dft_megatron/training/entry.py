@@ -100,43 +100,49 @@ def run(argv: list[str] | None = None) -> None:
     args = parse_megatron_args(argv)
     _init_process_group(args)
     cfg = data_config(args)
-    # The --save lock, the shards' hashes, the data against the checkpoint's record.
-    preflight(args, split_paths(cfg.sft_data) + split_paths(cfg.valid_data))
-    hf_tokenizer = None
-    if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model:
-        hf_tokenizer = load_tokenizer(args.tokenizer_model, args.chat_template)
-    from megatron.training import get_tokenizer
+    # The --save lock, the shards' hashes, the data against the checkpoint's record. The lock
+    # is held until the run ends, however it ends: for a launch that is the process's exit,
+    # inside a process that goes on (Megatron-LM's in-process restart) it is this return.
+    lock = preflight(args, split_paths(cfg.sft_data) + split_paths(cfg.valid_data))
+    try:
+        hf_tokenizer = None
+        if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model:
+            hf_tokenizer = load_tokenizer(args.tokenizer_model, args.chat_template)
+        from megatron.training import get_tokenizer
 
-    from dft_megatron.models.provider import model_vocab_size
+        from dft_megatron.models.provider import model_vocab_size
 
-    # Token ids the data may hold: the model's vocabulary (see model_vocab_size).
-    vocab = model_vocab_size(args, get_tokenizer().vocab_size)
-    provider = DatasetsProvider(args, cfg, hf_tokenizer, vocab)
-    if args.train_epochs is not None:
-        train, _ = provider.prepare()
-        args.train_iters = math.ceil(args.train_epochs * len(train) / args.global_batch_size)
-        if dist.get_rank() == 0:
-            logger.info(
-                "--train-epochs %g: %d iterations of %d sequences",
-                args.train_epochs,
-                args.train_iters,
-                args.global_batch_size,
-            )
-    if args.eval_only and cfg.sft_data:
-        _, valid = provider.prepare()
-        args.eval_iters = math.ceil(len(valid) / args.global_batch_size)  # one pass
-    _store_tokenizer(args, hf_tokenizer)
-    metrics = DFTMetrics(args.log_metrics_jsonl)
-    install_hooks(metrics)
-    # (Its "use a ModelConfig" notice is filtered in utils/logging.setup_logging.)
-    cfg_container = pretrain_cfg_container_from_args(args)
-    pretrain(
-        cfg_container,
-        provider,
-        ModelType.encoder_or_decoder,
-        partial(forward_step, metrics, args.check_for_nan_in_loss_and_grad),
-        model_provider=model_provider,
-    )
+        # Token ids the data may hold: the model's vocabulary (see model_vocab_size).
+        vocab = model_vocab_size(args, get_tokenizer().vocab_size)
+        provider = DatasetsProvider(args, cfg, hf_tokenizer, vocab)
+        if args.train_epochs is not None:
+            train, _ = provider.prepare()
+            args.train_iters = math.ceil(args.train_epochs * len(train) / args.global_batch_size)
+            if dist.get_rank() == 0:
+                logger.info(
+                    "--train-epochs %g: %d iterations of %d sequences",
+                    args.train_epochs,
+                    args.train_iters,
+                    args.global_batch_size,
+                )
+        if args.eval_only and cfg.sft_data:
+            _, valid = provider.prepare()
+            args.eval_iters = math.ceil(len(valid) / args.global_batch_size)  # one pass
+        _store_tokenizer(args, hf_tokenizer)
+        metrics = DFTMetrics(args.log_metrics_jsonl)
+        install_hooks(metrics)
+        # (Its "use a ModelConfig" notice is filtered in utils/logging.setup_logging.)
+        cfg_container = pretrain_cfg_container_from_args(args)
+        pretrain(
+            cfg_container,
+            provider,
+            ModelType.encoder_or_decoder,
+            partial(forward_step, metrics, args.check_for_nan_in_loss_and_grad),
+            model_provider=model_provider,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _explain_exit(code) -> None:
