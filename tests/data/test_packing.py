@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dft_megatron.data.packing import assemble, block_causal_mask, pack, packed_seq_params
-from tests.dist import spawn
+from tests.dist import pool
 
 
 def test_pack_fits_every_sample_once():
@@ -110,4 +110,4 @@ def _worker(rank, world_size):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_packed_batch_equals_samples_one_by_one(tp):
-    spawn(_worker, tp)
+    pool(tp).run(_worker)

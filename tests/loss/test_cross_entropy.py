@@ -19,7 +19,7 @@ fusion`).
 
 Tensor parallelism: every rank slices its vocabulary shard from one global tensor and
 compares its loss with the reference and its gradient with the reference gradient's
-shard (TP = 1 in-process; TP = 2 and 4 on gloo ranks, one spawn per size).
+shard (TP = 1 in-process; TP = 2 and 4 on the persistent gloo ranks of tests/dist.py's pool).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dft_megatron.loss import (
     fused_vocab_parallel_dft_cross_entropy,
     vocab_parallel_dft_cross_entropy,
 )
-from tests.dist import spawn
+from tests.dist import pool
 
 VOCAB = 96  # divisible by TP 1, 2 and 4
 SEQ, BATCH = 8, 3
@@ -458,4 +458,4 @@ def _tp_worker(rank, world_size):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel(tp):
-    spawn(_tp_worker, tp)
+    pool(tp).run(_tp_worker)

@@ -35,7 +35,7 @@ from dft_megatron.loss import (
     chunked_output_layer_dft_cross_entropy,
     vocab_parallel_dft_cross_entropy,
 )
-from tests.dist import spawn
+from tests.dist import pool
 from tests.loss.test_cross_entropy import peaked_logits, shard
 
 VOCAB, SEQ, BATCH, HIDDEN = 96, 6, 3, 16
@@ -278,4 +278,4 @@ def _tp_worker(rank, world_size):
 
 
 def test_tensor_parallel_2():
-    spawn(_tp_worker, 2)
+    pool(2).run(_tp_worker)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dft_megatron.loss.output_layer import chunked_output_layer_dft_cross_entropy
-from tests.dist import spawn
+from tests.dist import pool
 from tests.loss.test_cross_entropy import DTYPES, VARIANTS, peaked_logits, reference
 
 VOCAB, HIDDEN = 96, 16
@@ -245,4 +245,4 @@ def _tp_worker(rank, world_size):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel(tp):
-    spawn(_tp_worker, tp)
+    pool(tp).run(_tp_worker)

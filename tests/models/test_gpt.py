@@ -27,7 +27,7 @@ from dft_megatron.compat import install_cpu_bridge
 from dft_megatron.loss import TokenWeighting
 from dft_megatron.models import ModelConfig, PrecisionConfig, build_gpt_model, transformer_config
 from dft_megatron.models.gpt import gpt_model_kwargs
-from tests.dist import spawn
+from tests.dist import pool
 
 FAMILIES = {
     "gpt": ModelConfig(
@@ -169,4 +169,4 @@ def check_family(family):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_families(tp):
-    spawn(_families_worker, tp)
+    pool(tp).run(_families_worker)
