@@ -121,7 +121,7 @@ def spawn(
     try:
         # join() raises ProcessRaisedException with the failing rank and its traceback.
         while not context.join(timeout=1.0):
-            _note_descendants(context.processes, descendants)
+            note_descendants(context.processes, descendants)
             if time.monotonic() > deadline:
                 alive = [i for i, p in enumerate(context.processes) if p.is_alive()]
                 raise TimeoutError(
@@ -133,10 +133,10 @@ def spawn(
             if p.is_alive():
                 p.kill()
             p.join()
-        _kill(descendants.values())
+        kill_all(descendants.values())
 
 
-def _note_descendants(ranks, seen: dict[int, psutil.Process]) -> None:
+def note_descendants(ranks, seen: dict[int, psutil.Process]) -> None:
     for rank in ranks:
         try:
             for child in psutil.Process(rank.pid).children(recursive=True):
@@ -145,7 +145,7 @@ def _note_descendants(ranks, seen: dict[int, psutil.Process]) -> None:
             continue
 
 
-def _kill(procs) -> None:
+def kill_all(procs) -> None:
     # psutil.Process remembers the creation time: a recycled pid is not mistaken for ours.
     alive = [p for p in procs if p.is_running()]
     for p in alive:
@@ -234,7 +234,7 @@ class RankPool:
         deadline = time.monotonic() + timeout
         failures, values, grace = {}, {}, None
         while len(failures) + len(values) < self.size:
-            _note_descendants(self._context.processes, self._descendants)
+            note_descendants(self._context.processes, self._descendants)
             now = time.monotonic()
             if now > deadline or (grace is not None and now > grace) or not self.alive:
                 waiting = sorted(set(range(self.size)) - set(failures) - set(values))
@@ -272,7 +272,7 @@ class RankPool:
             if p.is_alive():
                 p.kill()
                 p.join()
-        _kill(self._descendants.values())
+        kill_all(self._descendants.values())
 
 
 _pools: dict[int, RankPool] = {}

@@ -122,13 +122,21 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def wait(proc: subprocess.Popen, metrics: Path, log: Path, timeout: float) -> Run:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        raise AssertionError(
-            f"run timed out after {timeout} s:\n{log.read_text()[-6000:]}"
-        ) from None
+    """Wait for a started run. Processes it started that outlive it (a checkpoint writer whose
+    rank was killed by a drill, orphaned) are killed when it ends, as tests/dist.py's `spawn`
+    does for its ranks."""
+    from tests.dist import kill_all, note_descendants
+
+    deadline = time.monotonic() + timeout
+    descendants: dict = {}
+    while proc.poll() is None:
+        note_descendants([proc], descendants)
+        if time.monotonic() > deadline:
+            kill_tree(proc)
+            kill_all(descendants.values())
+            raise AssertionError(f"run timed out after {timeout} s:\n{log.read_text()[-6000:]}")
+        time.sleep(0.5)
+    kill_all(descendants.values())
     return Run(proc.returncode, log.read_text(), metrics)
 
 
