@@ -1,9 +1,9 @@
 """Unmodified Megatron-Core trains, checkpoints and reshards on CPU ranks through the bridge.
 
-One run of 4 gloo ranks (imports dominate the cost, so every case shares it) walks through
-four layouts of the same tiny GPT (tests/compat/models.py: tied embeddings), all with
-Megatron's DDP, distributed optimizer and fully parallel `dist_checkpointing`, on one fixed
-global batch of 4 sequences:
+One run of 4 gloo ranks (tests/dist.py's pool; imports dominate the cost, so every case
+shares it) walks through four layouts of the same tiny GPT (tests/compat/models.py: tied
+embeddings), all with Megatron's DDP, distributed optimizer and fully parallel
+`dist_checkpointing`, on one fixed global batch of 4 sequences:
 
 1. TP1 x PP1 (DP4): the reference. A step, a save (model + optimizer), the loss of the saved
    weights, three more steps; a reload into a fresh model and optimizer at the same layout;
@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist import spawn
+from tests.dist import pool
 
 RTOL = 1e-5
 WORLD_SIZE = 4
@@ -221,7 +221,7 @@ def _cpu_megatron_run(rank: int, world_size: int, workdir: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("megatron_cpu")
-    spawn(_cpu_megatron_run, WORLD_SIZE, str(workdir))
+    pool(WORLD_SIZE).run(_cpu_megatron_run, str(workdir))
     return json.loads((workdir / "results.json").read_text())
 
 

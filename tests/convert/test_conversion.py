@@ -26,8 +26,8 @@ with a vocabulary of 96 padded to 128 rows:
   nor a divisor of it) fails the trainer's model config (Megatron-Core's TransformerConfig
   from the checkpoint's args) with a one-line message naming both sizes; query groups that
   divide the TP size are replicated (TP4 of the 2-group models loads: the layouts above).
-Processes (tests/convert/worker.py): one conversion process, one torch.distributed.run of 4
-(layouts, --eval-only, fine-tuning), one export CLI process.
+Processes (tests/convert/worker.py): one conversion process, the 4 gloo ranks of
+tests/dist.py's pool (layouts, --eval-only, fine-tuning), one export CLI process.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from tests.convert import worker
 from tests.convert.hf_models import DTYPES, VOCAB, hf_logits, save_hf_model
 from tests.convert.worker import BATCH, FAMILIES, SEQ, layouts_of, rows, tokens
+from tests.dist import pool
 from tests.launch import kill_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,11 +74,9 @@ def _run(work: Path, name: str, cmd: list[str]) -> tuple[int, str]:
     return proc.returncode, log.read_text()
 
 
-def _worker(work: Path, steps: str, nproc: int | None = None) -> None:
-    launch = [sys.executable]
-    if nproc:
-        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    rc, output = _run(work, steps, [*launch, "-m", "tests.convert.worker", steps, str(work)])
+def _worker(work: Path, steps: str) -> None:
+    cmd = [sys.executable, "-m", "tests.convert.worker", steps, str(work)]
+    rc, output = _run(work, steps, cmd)
     if rc != 0:
         tail = "\n".join(output.splitlines()[-60:])
         raise AssertionError(f"tests.convert.worker {steps} exited {rc}:\n{tail}")
@@ -91,7 +91,7 @@ def work(tmp_path_factory) -> Path:
         "".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in rows())
     )
     _worker(w, "convert")
-    _worker(w, "layouts,eval_only,train", nproc=4)
+    pool(4).run(worker.pooled, "layouts,eval_only,train", str(w), timeout=TIMEOUT_S)
     export = [sys.executable, str(ROOT / "tools" / "convert_megatron_to_hf.py")]
     export += ["--megatron-dir", str(w / "trained"), "--iteration", "2"]
     export += ["--hf-dir", str(w / "hf_trained"), "--verify"]

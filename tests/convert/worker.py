@@ -9,13 +9,14 @@ WORK` runs the comma-separated STEPS in one process (under torch.distributed.run
   verification of mistral's checkpoint against llama's HF folder; the qwen3_moe import saved
   with --moe-grouped-gemm in its args (as a GPU run's) and exported; the trainer's model config
   at a TP size that does not divide the attention heads or query groups. WORK/convert.json.
-- `layouts` (4 processes): each import loaded as the trainer loads it (Megatron-LM's
-  arguments from the checkpoint, `initialize_megatron`, `get_model` with the trainer's model
-  provider, Megatron-LM's `load_checkpoint`) at TP1, TP2, PP2, TP2 x PP2 (llama also TP4;
-  DP fills the rest; the MoE families also EP2 and TP2 x EP2 through both token dispatchers,
-  TP2 x EP2 with expert-TP 1 and PP2 x EP2); one forward through Megatron-Core's pipeline schedule
-  for the logits (gathered over TP) and one through the trainer's own `forward_step` /
-  `loss_func` for the CE; the process groups destroyed after each. WORK/{family}_{layout}.pt.
+- `layouts` (4 processes: the persistent ranks of tests/dist.py's pool, through `pooled`):
+  each import loaded as the trainer loads it (Megatron-LM's arguments from the checkpoint,
+  `initialize_megatron`, `get_model` with the trainer's model provider, Megatron-LM's
+  `load_checkpoint`) at TP1, TP2, PP2, TP2 x PP2 (llama also TP4; DP fills the rest; the MoE
+  families also EP2 and TP2 x EP2 through both token dispatchers, TP2 x EP2 with expert-TP 1
+  and PP2 x EP2); one forward through Megatron-Core's pipeline schedule for the logits
+  (gathered over TP) and one through the trainer's own `forward_step` / `loss_func` for the
+  CE; the process groups destroyed after each. WORK/{family}_{layout}.pt.
 - `eval_only`, `train` (4 processes): `python -m dft_megatron.train`'s entry in this process
   on the qwen2 import at TP2 x PP2 over WORK/rows.jsonl: --eval-only (WORK/eval_only.jsonl);
   2 steps of fine-tuning saved at iteration 2 to WORK/trained and validated there
@@ -445,6 +446,12 @@ def train(work: Path) -> None:
 
 
 STEPS = {"convert": convert, "layouts": layouts, "eval_only": eval_only, "train": train}
+
+
+def pooled(rank: int, world_size: int, steps: str, work: str) -> None:
+    """The distributed steps in a rank of tests/dist.py's pool, whose process group is made."""
+    for step in steps.split(","):
+        STEPS[step](Path(work))
 
 
 def main(steps: str, work: Path) -> None:
