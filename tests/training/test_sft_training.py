@@ -5,6 +5,7 @@ the CE and mean p; 1e-4 relative on the grad norm; the same target-token counts)
 synthetic data. This also covers the tokenizer stored with a checkpoint (every run gets it
 from --load), the per-epoch order at every DP size (Megatron-LM's sampler over
 `EpochShuffled`), --eval-only over pre-tokenized rows (every target token once, at TP2) and
+over the chat rows (the assistant tokens only, counted with the tokenizer alone), and
 --train-epochs.
 """
 
@@ -140,6 +141,29 @@ def test_eval_only_on_pretokenized_rows(sft, tmp_path):
     assert rec["full_pass"] and rec["iteration"] == 0  # a converted model: iteration 0
     assert rec["tokens"] == sum(len(r["input_ids"]) - 8 for r in rows)
     assert 4.0 < rec["ce_loss"] < 7.0  # a random model over ~300 tokens: about log(300)
+
+
+def test_eval_only_on_chat_rows_reads_the_assistant_tokens_only(sft, tmp_path):
+    """--eval-only --sft-data over the chat rows: the target tokens are each assistant turn's
+    content and its <|im_end|>, counted here with the tokenizer alone (ChatML: a turn's content
+    follows a newline, so its byte-level BPE tokens are those of the content by itself); the
+    system, user and role-header tokens are no target."""
+    from dft_megatron.data import load_tokenizer
+
+    data, ckpt, _ = sft
+    tok = load_tokenizer(ckpt / "tokenizer")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    targets = sum(
+        len(tok(m["content"], add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
+        for r in rows
+        for m in r["messages"]
+        if m["role"] == "assistant"
+    )
+    flags = ["--sft-data", str(data), "--data-cache-path", str(tmp_path / "c")]
+    flags += ["--load", str(ckpt), "--eval-only", "--micro-batch-size", "4"]
+    flags += ["--global-batch-size", "4"]
+    (rec,) = train(tmp_path, "eval_chat", 1, flags).valid
+    assert rec["full_pass"] and rec["tokens"] == targets
 
 
 def test_train_epochs_sets_the_iterations(sft, tmp_path):
