@@ -25,6 +25,7 @@ fails the test with the end of its output.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -210,6 +211,7 @@ def _forget_megatron_state() -> None:
         writer.close()
     training.destroy_global_state()
     destroy_moe_metrics_tracker()
+    gc.collect()  # the run's model, optimizer and data loaders sit in reference cycles
 
 
 def _pooled(expect_ok: bool, env: dict | None) -> bool:
