@@ -75,14 +75,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
     finally:
-        try:
-            from megatron.core import parallel_state
-
-            if parallel_state.model_parallel_is_initialized():
-                parallel_state.destroy_model_parallel()
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        _teardown()
 
 
 def _start(target: Callable, nprocs: int, args: tuple, backend: str):
@@ -194,6 +187,7 @@ def _pool_worker(rank: int, size: int, port: int, queues, results) -> None:
 
 
 def _teardown() -> None:
+    """Megatron-Core's model-parallel state and every process group, destroyed (a rank's end)."""
     import torch.distributed as dist
 
     try:
